@@ -148,17 +148,19 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q_size + 2 * kv_size, bias=args.qkv_bias)
         self.wo = Linear(q_size, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, freqs: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)  # (B, T, (nh + 2 nkv) hd); q and k rows are in interleaved RoPE order
+        qk = torch.view_as_complex(qkv[..., : (nh + nkv) * hd].reshape(B, T, nh + nkv, hd // 2, 2))
+        qk = torch.view_as_real(qk * freqs).flatten(3)  # (B, T, nh + nkv, hd), rotated
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
+        k = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hd)
+        v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         S = cache.write(layer, k, v)
         keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]  # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
 class FeedForward(nn.Module):
@@ -192,16 +194,19 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache, layer, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, freqs, cache, layer, mask):
+        h = x + self.attention(self.attention_norm(x), freqs, cache, layer, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face layout). x: (B, h, T, hd); cos, sin: (B, 1, T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def interleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder the rows of a q or k projection from the Hugging Face rotate-half layout
+    (pairs ``(i, i + hd/2)``) to interleaved pairs ``(2i, 2i + 1)``, so that RoPE is one
+    complex multiplication. q and k get the same order, so ``q . k`` is unchanged."""
+    half = head_dim // 2
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # (hd,)
+    shape = w.shape
+    return w.reshape(n_heads, head_dim, -1)[:, perm].reshape(shape)
 
 
 class Transformer(nn.Module):
@@ -215,7 +220,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size, chunks=16)
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_cache: torch.Tensor | None = None
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -243,21 +248,17 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
-    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < length:
+    def _rope_table(self, length: int) -> torch.Tensor:
+        """Complex rotations ``(n, head_dim / 2)``: exp(i * pos * inv_freq), times the RoPE scale."""
+        if self._rope_cache is None or self._rope_cache.shape[0] < length:
             a = self.args
             n = max(length, 256)
             if a.rope_inv_freq is not None:
                 inv_freq = torch.tensor(a.rope_inv_freq, dtype=torch.float32)
             else:
                 inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim))
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
-            dtype = self.tok_embeddings.weight.dtype
-            self._rope_cache = (
-                (emb.cos() * a.rope_scale).to(self.device, dtype),
-                (emb.sin() * a.rope_scale).to(self.device, dtype),
-            )
+            angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)  # (n, hd/2)
+            self._rope_cache = torch.polar(torch.full_like(angles, a.rope_scale), angles).to(self.device)
         return self._rope_cache
 
     # -- forward -------------------------------------------------------------------------
@@ -285,12 +286,11 @@ class Transformer(nn.Module):
                 positions = torch.arange(starts[0], starts[0] + T, device=tokens.device).expand(B, T)
             else:
                 positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        cos_t, sin_t = self._rope_table(int(positions.max()) + 1)
-        cos, sin = cos_t[positions][:, None], sin_t[positions][:, None]  # (B, 1, T, hd)
+        freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2)
         mask = self._mask(starts, T, tree_mask, tokens.device)
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+            x = layer(x, freqs, cache, i, mask)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
@@ -354,11 +354,11 @@ class Transformer(nn.Module):
             for i, blk in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 att = blk.attention
-                att.wqkv.weight.copy_(
-                    torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
-                )
-                if a.qkv_bias:
-                    att.wqkv.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0))
+                for kind in ("weight", "bias") if a.qkv_bias else ("weight",):
+                    wq = interleave_rope_rows(take(p + f"self_attn.q_proj.{kind}"), a.n_heads, a.head_dim)
+                    wk = interleave_rope_rows(take(p + f"self_attn.k_proj.{kind}"), a.n_kv_heads, a.head_dim)
+                    wv = take(p + f"self_attn.v_proj.{kind}")
+                    getattr(att.wqkv, kind).copy_(torch.cat([wq, wk, wv], dim=0))
                 att.wo.weight.copy_(take(p + "self_attn.o_proj.weight"))
                 if a.o_bias:
                     att.wo.bias.copy_(take(p + "self_attn.o_proj.bias"))

@@ -1,85 +1,107 @@
-/* y (M, N) = x (M, K) @ w (N, K)^T [+ b (N)] in fp32, for few rows M (decoding, verification).
+/* y (M, N) = x (M, K) @ w (N, K)^T [+ b (N)] in fp32, for few rows M (decoding, verification),
+ * and the same with INT8 weights and per-output-channel scales.
  *
- * Memory-bound: each weight row is read from DRAM once and reused for all M input
- * rows while it sits in L1, so a forward over M <= ~16 tokens costs about as much as
- * over one. Rows of w are split over the OpenMP threads (the runtime PyTorch already
- * loaded, so no second thread pool competes with it).
+ * Memory-bound: each block of 8 weight rows is read from DRAM once and reused for all M
+ * input rows while it sits in L1/L2, so a forward over a handful of tokens costs little
+ * more than over one. Blocks are split over the OpenMP threads (the runtime PyTorch has
+ * already loaded, so no second thread pool competes with it). GCC vector extensions give
+ * 16-wide fp32 vectors: AVX-512 registers where the CPU has them, pairs of AVX2 ones if not.
  */
 #include <stddef.h>
+#include <string.h>
 
-static void rows4(const float *x, const float *w, const float *b, float *y,
-                  int M, int N, int K, int n0) {
-    const float *w0 = w + (size_t)n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+:a0, a1, a2, a3)
-        for (int k = 0; k < K; k++) {
-            float xv = xm[k];
-            a0 += xv * w0[k];
-            a1 += xv * w1[k];
-            a2 += xv * w2[k];
-            a3 += xv * w3[k];
+typedef float v16 __attribute__((vector_size(64)));
+#define RB 8 /* weight rows per block */
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(v16 v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* rows [n0, n0 + RB) of w (fp32, row stride K) against every x row; raw sums into y. */
+static void block_f32(const float *x, const float *wr, float *y, int M, int N, int K, int n0) {
+    int K16 = K & ~15;
+    int m = 0;
+    for (; m + 2 <= M; m += 2) {
+        const float *x0 = x + (size_t)m * K, *x1 = x0 + K;
+        v16 a[RB], c[RB];
+        for (int j = 0; j < RB; j++) a[j] = c[j] = (v16){0};
+        for (int k = 0; k < K16; k += 16) {
+            v16 xv0 = load16(x0 + k), xv1 = load16(x1 + k);
+            for (int j = 0; j < RB; j++) {
+                v16 wv = load16(wr + (size_t)j * K + k);
+                a[j] += xv0 * wv;
+                c[j] += xv1 * wv;
+            }
         }
-        float *ym = y + (size_t)m * N + n0;
-        ym[0] = a0 + (b ? b[n0] : 0.f);
-        ym[1] = a1 + (b ? b[n0 + 1] : 0.f);
-        ym[2] = a2 + (b ? b[n0 + 2] : 0.f);
-        ym[3] = a3 + (b ? b[n0 + 3] : 0.f);
+        for (int j = 0; j < RB; j++) {
+            float s0 = hsum(a[j]), s1 = hsum(c[j]);
+            for (int k = K16; k < K; k++) {
+                s0 += x0[k] * wr[(size_t)j * K + k];
+                s1 += x1[k] * wr[(size_t)j * K + k];
+            }
+            y[(size_t)m * N + n0 + j] = s0;
+            y[(size_t)(m + 1) * N + n0 + j] = s1;
+        }
+    }
+    for (; m < M; m++) {
+        const float *x0 = x + (size_t)m * K;
+        v16 a[RB];
+        for (int j = 0; j < RB; j++) a[j] = (v16){0};
+        for (int k = 0; k < K16; k += 16) {
+            v16 xv0 = load16(x0 + k);
+            for (int j = 0; j < RB; j++) a[j] += xv0 * load16(wr + (size_t)j * K + k);
+        }
+        for (int j = 0; j < RB; j++) {
+            float s0 = hsum(a[j]);
+            for (int k = K16; k < K; k++) s0 += x0[k] * wr[(size_t)j * K + k];
+            y[(size_t)m * N + n0 + j] = s0;
+        }
     }
 }
 
-static void row1(const float *x, const float *w, const float *b, float *y,
-                 int M, int N, int K, int n) {
-    const float *wn = w + (size_t)n * K;
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        float a = 0.f;
-#pragma omp simd reduction(+:a)
-        for (int k = 0; k < K; k++) a += xm[k] * wn[k];
-        y[(size_t)m * N + n] = a + (b ? b[n] : 0.f);
-    }
+static void tail_rows(const float *x, const float *w, float *y, int M, int N, int K, int from) {
+    for (int n = from; n < N; n++)
+        for (int m = 0; m < M; m++) {
+            float s = 0.f;
+            for (int k = 0; k < K; k++) s += x[(size_t)m * K + k] * w[(size_t)n * K + k];
+            y[(size_t)m * N + n] = s;
+        }
 }
 
 void sc_linear_f32(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
-    int n4 = N & ~3;
+    int nb = N - N % RB;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n4; n0 += 4) rows4(x, w, b, y, M, N, K, n0);
-    for (int n = n4; n < N; n++) row1(x, w, b, y, M, N, K, n);
+    for (int n0 = 0; n0 < nb; n0 += RB) block_f32(x, w + (size_t)n0 * K, y, M, N, K, n0);
+    tail_rows(x, w, y, M, N, K, nb);
+    if (b)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) y[(size_t)m * N + n] += b[n];
 }
 
-/* The same product with INT8 weights and per-output-channel scales:
- * y[m, n] = s[n] * sum_k x[m, k] * w8[n, k] (+ b[n]). Exact weight-only INT8 (no
- * activation quantization); reads a quarter of the fp32 bytes. */
-static void rows4_i8(const float *x, const signed char *w, const float *s, const float *b,
-                     float *y, int M, int N, int K, int n0) {
-    /* Widen the 4 int8 rows to fp32 once (9-24 KB, stays in L1), then reuse the fp32
-     * dot products for every input row; the scale is applied to the sums. */
-    float buf[4 * K];
-    const signed char *w0 = w + (size_t)n0 * K;
-#pragma omp simd
-    for (int i = 0; i < 4 * K; i++) buf[i] = (float)w0[i];
-    float sb[4];
-    for (int j = 0; j < 4; j++) sb[j] = 0.f;
-    rows4(x, buf - (size_t)n0 * K, NULL, y, M, N, K, n0);
-    for (int m = 0; m < M; m++) {
-        float *ym = y + (size_t)m * N + n0;
-        for (int j = 0; j < 4; j++) ym[j] = ym[j] * s[n0 + j] + (b ? b[n0 + j] : sb[j]);
-    }
-}
-
+/* y[m, n] = s[n] * sum_k x[m, k] * w8[n, k] (+ b[n]): exact weight-only INT8 (activations
+ * stay fp32); reads a quarter of the fp32 bytes. Each block is widened to fp32 once. */
 void sc_linear_i8(const float *x, const signed char *w, const float *s, const float *b, float *y,
                   int M, int N, int K) {
-    int n4 = N & ~3;
-#pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n4; n0 += 4) rows4_i8(x, w, s, b, y, M, N, K, n0);
-    for (int n = n4; n < N; n++) {
-        const signed char *wn = w + (size_t)n * K;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * K;
-            float a = 0.f;
-            for (int k = 0; k < K; k++) a += xm[k] * (float)wn[k];
-            y[(size_t)m * N + n] = a * s[n] + (b ? b[n] : 0.f);
+#pragma omp parallel
+    {
+        float *buf = __builtin_alloca((size_t)RB * K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N - N % RB; n0 += RB) {
+            const signed char *wr = w + (size_t)n0 * K;
+            for (int i = 0; i < RB * K; i++) buf[i] = (float)wr[i];
+            block_f32(x, buf, y, M, N, K, n0);
         }
     }
+    int nb = N - N % RB;
+    for (int n = nb; n < N; n++)
+        for (int m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * (float)w[(size_t)n * K + k];
+            y[(size_t)m * N + n] = acc;
+        }
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) y[(size_t)m * N + n] = y[(size_t)m * N + n] * s[n] + (b ? b[n] : 0.f);
 }
