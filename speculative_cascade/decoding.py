@@ -162,19 +162,20 @@ class StopChecker:
             raise CascadeError("stop strings need a tokenizer")
 
     def cut(self, generated: list[int], start: int) -> tuple[int, str] | None:
-        """If a stop occurs in ``generated[start:]``, return (length to keep, reason)."""
+        """If a stop occurs in ``generated[start:]``, return (length to keep, reason).
+
+        An EOS token is dropped; a stop string is kept, as transformers does."""
+        found = None
         for i in range(start, len(generated)):
             if generated[i] in self.eos:
-                return i, "eos"
-        if self.stop_strings:
-            text = self.decode(generated)
-            for s in self.stop_strings:
-                j = text.find(s)
-                if j >= 0:  # keep the shortest prefix whose text reaches the stop string
-                    for n in range(max(start, 1), len(generated) + 1):
-                        if s in self.decode(generated[:n]):
-                            return n, "stop_string"
-        return None
+                found = (i, "eos")
+                break
+        end = found[0] if found else len(generated)
+        if self.stop_strings and any(s in self.decode(generated[:end]) for s in self.stop_strings):
+            for n in range(max(start, 1), end + 1):  # the shortest prefix reaching a stop string
+                if any(s in self.decode(generated[:n]) for s in self.stop_strings):
+                    return n, "stop_string"
+        return found
 
 
 def generate_tokens(

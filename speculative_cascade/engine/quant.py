@@ -5,7 +5,7 @@ projection included) is replaced by :class:`Int8Linear`: per-output-channel scal
 ``s = max|W_row| / 127`` and ``W_int8 = round(W / s)`` (the seed paper's equation 2).
 Activations stay fp32: ``y = (x @ W_int8.T) * s``.
 
-On CPUs the product runs in the C kernel of :mod:`..kernels`, which reads a quarter of
+On CPUs the product (any number of rows) runs in the C kernel of :mod:`..kernels`, which reads a quarter of
 the fp32 weight bytes; without it (no compiler, or another device) it dequantizes in
 PyTorch, which is exact but not faster. Activation quantization (fbgemm's dynamic int8)
 was measured and rejected: per-tensor activation scales break on Llama's outlier

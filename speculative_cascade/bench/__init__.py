@@ -1,0 +1,1 @@
+"""Benchmark harness: methods behind one interface, a runner, JSON reports."""

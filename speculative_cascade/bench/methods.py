@@ -1,0 +1,135 @@
+"""Benchmark methods. Each is a class with ``run(prompt_ids, max_new_tokens) -> Result``;
+add one by subclassing :class:`Method` and registering it in ``METHODS``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..decoding import ModelDrafter, ModelRunner, StopChecker, generate_tokens
+from ..errors import CascadeError
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    seconds: float  # wall time of the whole call, prefill included
+    decode_seconds: float | None = None  # prefill excluded, where the method can tell
+    stats: dict = field(default_factory=dict)
+
+
+class BenchContext:
+    """What the methods share: the target, its tokenizer, the draft, k and the cache size."""
+
+    def __init__(self, loaded, draft_spec, k: int, max_len: int) -> None:
+        self.loaded, self.draft_spec, self.k, self.max_len = loaded, draft_spec, k, max_len
+        self.target = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self._draft = None
+
+    @property
+    def draft(self):
+        if self._draft is None:
+            from ..generator import INT8_SELF_DRAFT, as_model
+            from ..engine.quant import quantize_int8
+
+            if self.draft_spec in (None, INT8_SELF_DRAFT):
+                self._draft = quantize_int8(self.target)
+            else:
+                self._draft, _ = as_model(self.draft_spec)
+            if self._draft.vocab_size != self.target.vocab_size:
+                raise CascadeError("vocabulary mismatch between draft and target")
+        return self._draft
+
+    def eos_ids(self) -> set[int]:
+        ids = set(getattr(self.target, "eos_token_ids", ()) or ())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+
+class Method:
+    name = ""
+    description = ""
+    speculative = False
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> Result:
+        raise NotImplementedError
+
+
+class HFGenerate(Method):
+    name = "hf"
+    description = "transformers generate(), greedy, fp32 (the reference baseline)"
+
+    def __init__(self, ctx: BenchContext) -> None:
+        super().__init__(ctx)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(ctx.loaded.path, dtype=torch.float32).eval()
+
+    def run(self, prompt_ids, max_new_tokens):
+        eos = sorted(self.ctx.eos_ids())
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos or None,
+                pad_token_id=eos[0] if eos else 0,
+            )
+        seconds = time.perf_counter() - t0
+        new = out[0, len(prompt_ids) :].tolist()
+        for i, t in enumerate(new):  # our methods drop the EOS token; so do we here
+            if t in eos:
+                new = new[:i]
+                break
+        return Result(new, seconds)
+
+
+class Native(Method):
+    """Native decoder: autoregressive (no drafter) or with a drafter."""
+
+    name = "ar"
+    description = "native decoder, autoregressive"
+
+    def __init__(self, ctx: BenchContext) -> None:
+        super().__init__(ctx)
+        self.runner = ModelRunner(ctx.target, ctx.max_len)
+        self.drafter = self.make_drafter()
+
+    def make_drafter(self):
+        return None
+
+    def run(self, prompt_ids, max_new_tokens):
+        t0 = time.perf_counter()
+        out, stats = generate_tokens(
+            self.ctx.target,
+            prompt_ids,
+            drafter=self.drafter,
+            k=self.ctx.k,
+            max_new_tokens=max_new_tokens,
+            stop=StopChecker(self.ctx.eos_ids()),
+            max_len=self.ctx.max_len,
+            target_runner=self.runner,
+        )
+        seconds = time.perf_counter() - t0
+        return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
+
+
+class TwoStage(Native):
+    name = "spec"
+    description = "two-stage speculative decoding (draft: INT8 copy of the target by default)"
+    speculative = True
+
+    def make_drafter(self):
+        return ModelDrafter(self.ctx.draft, self.ctx.max_len)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage)}

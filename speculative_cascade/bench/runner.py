@@ -1,0 +1,208 @@
+"""Runs benchmark methods over Spec-Bench style prompts and builds the report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import CascadeError
+from .methods import METHODS, BenchContext
+
+DEFAULT_PROMPTS = Path("..") / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def default_prompt_file() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        p = (base / DEFAULT_PROMPTS).resolve()
+        if p.is_file():
+            return p
+    raise CascadeError("no default prompt file (../shared/data/spec_bench/question.jsonl); pass --prompts")
+
+
+def load_prompts(path: Path | None, per_category: int) -> list[dict]:
+    """Spec-Bench JSONL -> [{'id', 'category', 'prompt'}], the first turn of each line."""
+    path = Path(path) if path is not None else default_prompt_file()
+    if not path.is_file():
+        raise CascadeError(f"prompt file not found: {path}")
+    if per_category < 0:
+        raise CascadeError("--per-category must be >= 0")
+    rows, seen = [], defaultdict(int)
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                turns = obj["turns"]
+                prompt = turns[0] if isinstance(turns, list) else turns
+                if not isinstance(prompt, str):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                raise CascadeError(f"{path}:{n}: not a Spec-Bench line (needs 'turns': [text, ...])")
+            cat = obj.get("category", "all")
+            if per_category and seen[cat] >= per_category:
+                continue
+            seen[cat] += 1
+            rows.append({"id": obj.get("question_id", n), "category": cat, "prompt": prompt})
+    if not rows:
+        raise CascadeError(f"no prompts in {path}")
+    return rows
+
+
+def run_bench(
+    *,
+    prompts: Path | None,
+    per_category: int,
+    max_new_tokens: int,
+    methods: list[str],
+    target: str | None,
+    draft,
+    k: int,
+    chat: bool = True,
+    max_len: int = 4096,
+    quiet: bool = False,
+) -> dict:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from ..engine.loader import load_model
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CascadeError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
+    if max_new_tokens < 1:
+        raise CascadeError("--max-new-tokens must be >= 1")
+    if k < 1:
+        raise CascadeError("--k must be >= 1")
+    rows = load_prompts(prompts, per_category)
+    console = Console(stderr=True, quiet=quiet)
+    loaded = load_model(target)
+    tok = loaded.tokenizer
+    max_len = min(max_len, getattr(loaded.model, "max_position_embeddings", max_len))
+    ctx = BenchContext(loaded, draft, k, max_len)
+
+    def encode(text: str) -> list[int]:
+        if chat and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            return tok.encode(text, add_special_tokens=False)
+        return tok.encode(text)
+
+    limit = max_len - max_new_tokens - k - 1
+    for r in rows:
+        r["ids"] = encode(r["prompt"])
+    skipped = [r["id"] for r in rows if len(r["ids"]) > limit]
+    rows = [r for r in rows if len(r["ids"]) <= limit]
+    if skipped:
+        console.print(f"skipping {len(skipped)} prompt(s) longer than {limit} tokens: {skipped}")
+    # 'ar' first: the others are compared with it.
+    order = sorted(dict.fromkeys(methods), key=lambda m: m != "ar")
+    results: dict[str, list] = {}
+    with Progress(console=console, transient=False) as progress:
+        for name in order:
+            method = METHODS[name](ctx)
+            method.run(encode("Hello"), 8)  # warm-up
+            task = progress.add_task(f"{name:6s}", total=len(rows))
+            results[name] = []
+            for r in rows:
+                res = method.run(r["ids"], max_new_tokens)
+                results[name].append(res)
+                progress.advance(task)
+    report = _report(rows, results, order, loaded, ctx, max_new_tokens, chat)
+    _print_table(console, report, Table)
+    return report
+
+
+def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
+    ref = results.get("ar")
+    out = {
+        "config": {
+            "target": loaded.name,
+            "draft": ctx.draft_spec or "none",
+            "k": ctx.k,
+            "max_new_tokens": max_new_tokens,
+            "chat_template": chat,
+            "prompts": len(rows),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "methods": {},
+        "prompts": [],
+    }
+    for name in order:
+        res = results[name]
+        tokens = sum(len(r.token_ids) for r in res)
+        seconds = sum(r.seconds for r in res)
+        decode = [r.decode_seconds for r in res]
+        by_cat: dict[str, list] = defaultdict(lambda: [0, 0.0])
+        for row, r in zip(rows, res):
+            by_cat[row["category"]][0] += len(r.token_ids)
+            by_cat[row["category"]][1] += r.seconds
+        m = {
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "decode_tokens_per_s": tokens / sum(decode) if all(d for d in decode) else None,
+            "by_category": {c: (t / s if s else 0.0) for c, (t, s) in by_cat.items()},
+        }
+        stats = [r.stats for r in res if r.stats]
+        if stats and any(s.get("drafted") for s in stats):
+            drafted = sum(s["drafted"] for s in stats)
+            m["acceptance_rate"] = sum(s["accepted"] for s in stats) / drafted if drafted else 0.0
+            rounds = sum(s["rounds"] for s in stats)
+            m["mean_accepted_length"] = sum(s["new_tokens"] for s in stats) / rounds if rounds else 0.0
+            width = max(len(s["accepted_by_position"]) for s in stats)
+            acc = [sum(s["accepted_by_position"][i] for s in stats if i < len(s["accepted_by_position"])) for i in range(width)]
+            dr = [sum(s["drafted_by_position"][i] for s in stats if i < len(s["drafted_by_position"])) for i in range(width)]
+            m["acceptance_by_position"] = [a / d if d else 0.0 for a, d in zip(acc, dr)]
+            m["time_draft_s"] = sum(s["draft_s"] for s in stats)
+            m["time_verify_s"] = sum(s["verify_s"] for s in stats)
+        if ref is not None:
+            same = [r.token_ids == a.token_ids for r, a in zip(res, ref)]
+            m["identical_to_ar"] = all(same)
+            m["prompts_differing_from_ar"] = [row["id"] for row, s in zip(rows, same) if not s]
+        out["methods"][name] = m
+    base = out["methods"].get("ar", {}).get("tokens_per_s")
+    hf = out["methods"].get("hf", {}).get("tokens_per_s")
+    for m in out["methods"].values():
+        if base:
+            m["speedup_vs_ar"] = m["tokens_per_s"] / base
+        if hf:
+            m["speedup_vs_hf"] = m["tokens_per_s"] / hf
+    for i, row in enumerate(rows):
+        out["prompts"].append(
+            {
+                "id": row["id"],
+                "category": row["category"],
+                "prompt_tokens": len(row["ids"]),
+                "new_tokens": {n: len(results[n][i].token_ids) for n in order},
+                "seconds": {n: results[n][i].seconds for n in order},
+            }
+        )
+    return out
+
+
+def _print_table(console, report, Table) -> None:
+    t = Table(title=f"{report['config']['prompts']} prompts, {report['config']['max_new_tokens']} new tokens")
+    for col in ("method", "tok/s", "decode tok/s", "vs ar", "vs hf", "accept", "tokens/round", "= ar"):
+        t.add_column(col, justify="right")
+    for name, m in report["methods"].items():
+        t.add_row(
+            name,
+            f"{m['tokens_per_s']:.1f}",
+            f"{m['decode_tokens_per_s']:.1f}" if m.get("decode_tokens_per_s") else "-",
+            f"{m.get('speedup_vs_ar', 0):.2f}x" if "speedup_vs_ar" in m else "-",
+            f"{m.get('speedup_vs_hf', 0):.2f}x" if "speedup_vs_hf" in m else "-",
+            f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",
+            f"{m['mean_accepted_length']:.2f}" if "mean_accepted_length" in m else "-",
+            {True: "yes", False: "NO"}.get(m.get("identical_to_ar"), "-"),
+        )
+    console.print(t)

@@ -1,0 +1,186 @@
+"""The Python API: :class:`SpeculativeGenerator` and the one-line :func:`generate`.
+
+    from speculative_cascade import SpeculativeGenerator
+    gen = SpeculativeGenerator(K=5)                # embedded SmolLM2, INT8 self-draft
+    print(gen.generate("The future of AI is", max_new_tokens=64))
+    print(gen.get_stats()["acceptance_rate"])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .decoding import GenerationStats, ModelDrafter, ModelRunner, StopChecker, generate_tokens
+from .engine.hf_fallback import HFCausalLM
+from .engine.loader import LoadedModel, load_model
+from .engine.model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
+from .engine.quant import quantize_int8
+from .errors import CascadeError
+from .sampling import SamplingParams
+
+INT8_SELF_DRAFT = "int8"
+
+
+def as_model(obj, *, progress: bool = True) -> tuple[torch.nn.Module, object | None]:
+    """Turn a spec (str/path/None), a LoadedModel, a native model or a transformers model
+    into ``(model with the native interface, tokenizer or None)``."""
+    if obj is None or isinstance(obj, str):
+        lm = load_model(obj, progress=progress)
+        return lm.model, lm.tokenizer
+    if isinstance(obj, LoadedModel):
+        return obj.model, obj.tokenizer
+    if isinstance(obj, (Transformer, HFCausalLM)):
+        return obj, None
+    config = getattr(obj, "config", None)
+    if config is not None and hasattr(obj, "state_dict"):  # a transformers PreTrainedModel
+        if getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES:
+            try:
+                args = ModelArgs.from_hf_config(config)
+            except ValueError:
+                return HFCausalLM(obj), None
+            model = Transformer(args)
+            model.load_hf_state_dict(obj.state_dict())
+            return model.eval(), None
+        return HFCausalLM(obj), None
+    raise CascadeError(f"cannot use {type(obj).__name__} as a model")
+
+
+class SpeculativeGenerator:
+    """Lossless two-stage speculative decoding: a draft proposes ``K`` tokens per round,
+    the target verifies them in one forward.
+
+    Args:
+        target_model: model spec (None = embedded SmolLM2-135M-Instruct, a GGUF path, a
+            Hugging Face directory or hub id), or a loaded model.
+        draft_model: ``"int8"`` (default: an INT8 copy of the target), another spec or
+            model, or None for plain autoregressive decoding.
+        tokenizer: defaults to the target's own.
+        K: draft tokens per round.
+        max_len: KV-cache size in tokens (prompt + new tokens + K + 1 must fit).
+    """
+
+    def __init__(
+        self,
+        target_model=None,
+        draft_model=INT8_SELF_DRAFT,
+        tokenizer=None,
+        *,
+        K: int = 5,
+        max_len: int = 2048,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if K < 1:
+            raise CascadeError(f"K must be >= 1, got {K}")
+        if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+            raise CascadeError(f"device {device!r} is not available here")
+        self.target, target_tok = as_model(target_model, progress=progress)
+        self.tokenizer = tokenizer or target_tok
+        if self.tokenizer is None:
+            raise CascadeError("a tokenizer is needed when the target is passed as a model object")
+        limit = getattr(self.target, "max_position_embeddings", max_len) or max_len
+        if max_len < 2:
+            raise CascadeError(f"max_len must be >= 2, got {max_len}")
+        self.max_len = min(max_len, limit)
+        if draft_model == INT8_SELF_DRAFT:
+            if not isinstance(self.target, Transformer):
+                raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
+            self.draft = quantize_int8(self.target)
+        elif draft_model is None:
+            self.draft = None
+        else:
+            self.draft, _ = as_model(draft_model, progress=progress)
+        if self.draft is not None and self.draft.vocab_size != self.target.vocab_size:
+            raise CascadeError(
+                f"vocabulary mismatch: draft has {self.draft.vocab_size} tokens, target {self.target.vocab_size}"
+            )
+        self.target.to(device)
+        if self.draft is not None:
+            self.draft.to(device)
+        self.K = K
+        self._runner = ModelRunner(self.target, self.max_len)
+        self._drafter = ModelDrafter(self.draft, self.max_len) if self.draft is not None else None
+        self._stats = GenerationStats()
+        self.last_token_ids: list[int] = []
+
+    # -- prompts -------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
+                raise CascadeError("prompt token ids must be ints within the vocabulary")
+            return prompt
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CascadeError("the prompt is empty")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise CascadeError("this tokenizer has no chat template; use chat=False")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def eos_token_ids(self) -> set[int]:
+        ids = set(getattr(self.target, "eos_token_ids", ()) or ())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- generation ----------------------------------------------------------------------
+    def generate_ids(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        chat: bool = False,
+        speculative: bool = True,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> list[int]:
+        """Generate and return the new token ids; statistics go to :meth:`get_stats`."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = self.encode(prompt, chat=chat)
+        stopper = StopChecker(self.eos_token_ids(), stop, lambda t: self.tokenizer.decode(t))
+        drafter = self._drafter if speculative else None
+        out, self._stats = generate_tokens(
+            self.target,
+            ids,
+            drafter=drafter,
+            k=self.K,
+            max_new_tokens=max_new_tokens,
+            params=params,
+            stop=stopper,
+            max_len=self.max_len,
+            target_runner=self._runner,
+            on_tokens=on_tokens,
+        )
+        self.last_token_ids = out
+        return out
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, **kwargs) -> str:
+        """Generate text after ``prompt``; keyword arguments as :meth:`generate_ids`."""
+        out = self.generate_ids(prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def get_stats(self) -> dict:
+        """Statistics of the last call: acceptance_rate, avg_tokens_per_round, tokens_per_s, ..."""
+        return self._stats.to_dict()
+
+
+def generate(
+    prompt: str,
+    *,
+    target=None,
+    draft=INT8_SELF_DRAFT,
+    K: int = 5,
+    max_new_tokens: int = 128,
+    **kwargs,
+) -> str:
+    """One-line use: ``generate("Hello", max_new_tokens=32)`` with the embedded model."""
+    return SpeculativeGenerator(target, draft, K=K).generate(prompt, max_new_tokens=max_new_tokens, **kwargs)
