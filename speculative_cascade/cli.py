@@ -63,7 +63,9 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
-    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", help="Wrap the prompt in the model's chat template (default: if it has one)."
+    ),
     max_len: int = typer.Option(2048, "--max-len", help="KV-cache size in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
 ) -> None:
@@ -72,7 +74,8 @@ def generate(
 
     try:
         gen = SpeculativeGenerator(target, _draft_arg(draft), K=k, max_len=max_len)
-        chat = chat and bool(getattr(gen.tokenizer, "chat_template", None))
+        if chat is None:
+            chat = bool(getattr(gen.tokenizer, "chat_template", None))
         streamer = None if as_json else _Streamer(gen.tokenizer)
         ids = gen.generate_ids(
             prompt,

@@ -23,13 +23,16 @@ class HFCache:
         self.seqlens = [0]
 
     def reset(self) -> None:
-        self.cache.crop(0)
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
         self.seqlens = [0]
 
     def truncate(self, length: int, row: int | None = None) -> None:
         assert 0 <= length <= self.seqlens[0], "truncate beyond the cached length"
         if length < self.seqlens[0]:
-            self.cache.crop(length)
+            # a negative argument removes that many tokens in every transformers version
+            self.cache.crop(length - self.seqlens[0])
         self.seqlens = [length]
 
     def rollback(self, n: int, row: int | None = None) -> None:

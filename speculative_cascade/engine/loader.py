@@ -98,6 +98,7 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     out = _gguf_cache_path(gguf)
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
+    _check_gguf_header(gguf)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,6 +129,16 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
         return out
     tmp.rename(out)
     return out
+
+
+def _check_gguf_header(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CascadeError(f"cannot read GGUF file {path}: not a GGUF file")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise CascadeError(f"cannot read GGUF file {path}: unsupported GGUF version {version}")
 
 
 def load_tokenizer(path: str | Path):

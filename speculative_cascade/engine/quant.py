@@ -5,9 +5,9 @@ projection included) is replaced by :class:`Int8Linear`: per-output-channel scal
 ``s = max|W_row| / 127`` and ``W_int8 = round(W / s)`` (the seed paper's equation 2).
 Activations stay fp32: ``y = (x @ W_int8.T) * s``.
 
-On CPUs the product (any number of rows) runs in the C kernel of :mod:`..kernels`, which reads a quarter of
-the fp32 weight bytes; without it (no compiler, or another device) it dequantizes in
-PyTorch, which is exact but not faster. Activation quantization (fbgemm's dynamic int8)
+On CPUs a product over few rows runs in the C kernel of :mod:`..kernels`, which reads a quarter of
+the fp32 weight bytes; without it (no compiler, another device) and for a prefill it
+dequantizes the layer's weight and calls BLAS. Activation quantization (fbgemm's dynamic int8)
 was measured and rejected: per-tensor activation scales break on Llama's outlier
 channels (28% greedy agreement with the target against 97% here).
 
@@ -45,16 +45,18 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, K = x.shape[:-1], x.shape[-1]
-        kernel = linear_int8_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        x2 = x.reshape(-1, K)
+        M, N = x2.shape[0], self.out_features
+        small = M <= 32  # decoding and drafting; a prefill is compute-bound: dequantize, use BLAS
+        kernel = linear_int8_kernel() if small and x.device.type == "cpu" and x.dtype == torch.float32 else None
         if kernel is not None:
-            x2 = x.reshape(-1, K).contiguous()
-            M, N = x2.shape[0], self.out_features
+            x2 = x2.contiguous()
             y = torch.empty(M, N)
             b = self.bias.data_ptr() if self.bias is not None else None
             kernel(x2.data_ptr(), self.w_int8.data_ptr(), self.scales.data_ptr(), b, y.data_ptr(), M, N, K)
             return y.view(*lead, N)
-        y = F.linear(x, self.w_int8.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        w = self.w_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # (N, K)
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"

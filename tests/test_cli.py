@@ -1,0 +1,145 @@
+"""The CLI and the Python API on tiny model directories; every user mistake is one line + exit 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from speculative_cascade import SpeculativeGenerator
+from speculative_cascade.cli import app
+from speculative_cascade.errors import CascadeError
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_json_greedy_equals_plain(tiny_model_dir, tiny_draft_dir):
+    base = ["generate", "the quick brown fox", "-t", tiny_model_dir, "-n", 20, "--no-chat", "--json"]
+    spec = invoke(*base, "-d", tiny_draft_dir, "-k", 3)
+    plain = invoke(*base, "-d", "none")
+    int8 = invoke(*base)  # default draft: INT8 copy of the target
+    for r in (spec, plain, int8):
+        assert r.exit_code == 0, r.output
+    a, b, c = (json.loads(r.stdout) for r in (spec, plain, int8))
+    assert a["token_ids"] == b["token_ids"] == c["token_ids"]
+    assert set(a) == {"text", "token_ids", "stats"}
+    assert a["stats"]["rounds"] > 0 and 0 <= a["stats"]["acceptance_rate"] <= 1
+
+
+def test_generate_streams_and_summarizes(tiny_model_dir):
+    r = invoke("generate", "hello world", "-t", tiny_model_dir, "-n", 10, "--no-chat", "--temperature", 0.8, "--seed", 1)
+    assert r.exit_code == 0, r.output
+    assert "tok/s" in r.stderr and "acceptance" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "", "--no-chat"], "empty"),
+        (["generate", "hi", "--no-chat", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--no-chat", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--no-chat", "-k", "0"], "K must be"),
+        (["generate", "hi", "--no-chat", "-n", "0"], "max_new_tokens"),
+        (["generate", "hi " * 600, "--no-chat", "--max-len", "256"], "context limit"),
+        (["generate", "hi", "--chat"], "chat template"),
+    ],
+)
+def test_user_mistakes_are_one_line(tiny_model_dir, args, needle):
+    args = list(args)
+    r = invoke(*args[:2], "-t", tiny_model_dir, *args[2:])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_missing_and_corrupt_models(tmp_path, tiny_model_dir):
+    bad_gguf = tmp_path / "broken.gguf"
+    bad_gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)  # right magic, truncated body
+    no_config = tmp_path / "empty_dir"
+    no_config.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    for f in tiny_model_dir.glob("tokenizer*"):
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    for spec, needle in [
+        (tmp_path / "nope.gguf", "not found"),
+        ("./does/not/exist", "not found"),
+        (bad_gguf, "cannot read GGUF"),
+        (no_config, "config.json"),
+        (corrupt, "corrupt"),
+    ]:
+        r = invoke("generate", "hi", "-t", spec, "--no-chat")
+        assert r.exit_code == 2, (spec, r.output)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output, r.stderr
+
+
+def test_vocab_mismatch(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from conftest import hf_model
+
+    d = tmp_path / "other-vocab"
+    hf_model("llama", seed=3, vocab=400).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    r = invoke("generate", "hi", "-t", tiny_model_dir, "-d", d, "--no-chat")
+    assert r.exit_code == 2 and "vocabulary mismatch" in r.stderr
+
+
+def test_info(tiny_model_dir):
+    r = invoke("info", "-t", tiny_model_dir, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["target"]["architecture"] == "llama" and d["target"]["implementation"] == "native"
+    assert d["draft"]["dtype"] == "int8"
+    assert d["draft"]["bytes"] < d["target"]["bytes"]
+
+
+def test_bench_report(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": [t, "second turn"]}
+            for i, (c, t) in enumerate([("a", "the quick fox"), ("a", "hello"), ("b", "lazy dog"), ("b", "x")])]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "r.json"
+    r = invoke("bench", "--prompts", prompts, "--per-category", 1, "-n", 12, "--methods", "hf,ar,spec",
+               "-t", tiny_model_dir, "--no-chat", "--json", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["config"]["prompts"] == 2
+    for m in ("hf", "ar", "spec"):
+        assert rep["methods"][m]["identical_to_ar"] is True
+        assert rep["methods"][m]["tokens_per_s"] > 0
+    assert "acceptance_rate" in rep["methods"]["spec"]
+    bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
+    assert bad.exit_code == 2 and "unknown method" in bad.stderr
+    prompts.write_text("not json\n")
+    bad = invoke("bench", "--prompts", prompts, "-t", tiny_model_dir)
+    assert bad.exit_code == 2 and "Spec-Bench" in bad.stderr
+
+
+def test_python_api(tiny_model_dir, tiny_draft_dir):
+    gen = SpeculativeGenerator(target_model=str(tiny_model_dir), draft_model=str(tiny_draft_dir), K=4, max_len=128)
+    text = gen.generate("the lazy dog", max_new_tokens=16)
+    assert isinstance(text, str)
+    stats = gen.get_stats()
+    assert {"acceptance_rate", "avg_tokens_per_round", "tokens_per_s"} <= set(stats)
+    plain = SpeculativeGenerator(target_model=str(tiny_model_dir), draft_model=None, max_len=128)
+    assert plain.generate_ids("the lazy dog", max_new_tokens=16) == gen.last_token_ids
+    with pytest.raises(CascadeError):
+        gen.generate("   ")
+
+
+def test_transformers_model_objects_are_accepted(tiny_tokenizer):
+    """Seed 002's usage: transformers models and a tokenizer passed in directly."""
+    from conftest import hf_model
+
+    target = hf_model("llama", seed=0)
+    draft = hf_model("llama", seed=9, layers=1)
+    gen = SpeculativeGenerator(target_model=target, draft_model=draft, tokenizer=tiny_tokenizer, K=3, max_len=128)
+    ids = gen.generate_ids("hello world", max_new_tokens=12)
+    plain = SpeculativeGenerator(target_model=target, draft_model=None, tokenizer=tiny_tokenizer, max_len=128)
+    assert plain.generate_ids("hello world", max_new_tokens=12) == ids

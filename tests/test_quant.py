@@ -1,0 +1,38 @@
+"""INT8 weight-only quantization."""
+
+import torch
+
+from conftest import tiny_native
+from speculative_cascade.engine.quant import Int8Linear, quantize_int8, quantize_weight
+import speculative_cascade.engine.quant as quant_mod
+
+
+def test_quantize_weight_error_bound():
+    w = torch.randn(64, 96)
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-6  # half a step per channel
+
+
+def test_int8_kernel_matches_reference(monkeypatch):
+    model = tiny_native(seed=1)
+    q = quantize_int8(model)
+    assert all(not isinstance(m, torch.nn.Linear) for m in q.modules())
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    fast = q(ids, q.new_cache(16))
+    monkeypatch.setattr(quant_mod, "linear_int8_kernel", lambda: None)
+    ref = q(ids, q.new_cache(16))
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_copy_leaves_original_untouched_and_agrees():
+    model = tiny_native(seed=2)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    before = model(ids, model.new_cache(16))
+    q = quantize_int8(model)
+    after = model(ids, model.new_cache(16))
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert isinstance(q.output, Int8Linear)
+    agree = (q(ids, q.new_cache(16)).argmax(-1) == before.argmax(-1)).float().mean()
+    assert agree >= 0.75
+    assert q.nbytes < model.nbytes
