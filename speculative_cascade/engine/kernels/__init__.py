@@ -37,7 +37,7 @@ def _build() -> ctypes.CDLL | None:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", str(tmp)]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", str(tmp), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"note: fp32 kernel not built ({r.stderr.strip().splitlines()[-1:]}); using PyTorch", file=sys.stderr)
@@ -48,6 +48,10 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_linear_f32.restype = None
     lib.sc_linear_i8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
     lib.sc_linear_i8.restype = None
+    lib.sc_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    lib.sc_rmsnorm.restype = None
+    lib.sc_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    lib.sc_silu_mul.restype = None
     return lib
 
 
@@ -73,3 +77,9 @@ def linear_int8_kernel():
     """``sc_linear_i8(x, w8, scales, b, y, M, N, K)``, or None when unavailable or disabled."""
     lib = _load()
     return None if lib is None else lib.sc_linear_i8
+
+
+def elementwise_kernels():
+    """``(sc_rmsnorm, sc_silu_mul)``, or None when unavailable or disabled."""
+    lib = _load()
+    return None if lib is None else (lib.sc_rmsnorm, lib.sc_silu_mul)

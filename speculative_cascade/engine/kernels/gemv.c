@@ -9,6 +9,7 @@
  */
 #include <stddef.h>
 #include <string.h>
+#include <math.h>
 
 typedef float v16 __attribute__((vector_size(64)));
 #define RB 8 /* weight rows per block */
@@ -140,4 +141,28 @@ void sc_linear_i8(const float *x, const signed char *w, const float *s, const fl
             for (int k = 0; k < K; k++) acc += x[(size_t)m * K + k] * (float)w[(size_t)n * K + k];
             y[(size_t)m * N + n] = acc * s[n] + (b ? b[n] : 0.f);
         }
+}
+
+/* Small fused element-wise steps of a decoder layer; each replaces several PyTorch ops
+ * whose per-call overhead dominates at one token. */
+
+/* y (M, K) = x / sqrt(mean(x^2) + eps) * w */
+void sc_rmsnorm(const float *x, const float *w, float *y, int M, int K, float eps) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        float ss = 0.f;
+        for (int k = 0; k < K; k++) ss += xm[k] * xm[k];
+        float r = 1.0f / sqrtf(ss / K + eps);
+        float *ym = y + (size_t)m * K;
+        for (int k = 0; k < K; k++) ym[k] = xm[k] * r * w[k];
+    }
+}
+
+/* y (M, H) = silu(gu[:, :H]) * gu[:, H:], gu (M, 2H) */
+void sc_silu_mul(const float *gu, float *y, int M, int H) {
+    for (int m = 0; m < M; m++) {
+        const float *g = gu + (size_t)m * 2 * H, *u = g + H;
+        float *ym = y + (size_t)m * H;
+        for (int h = 0; h < H; h++) ym[h] = g[h] / (1.0f + expf(-g[h])) * u[h];
+    }
 }
