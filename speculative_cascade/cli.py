@@ -6,14 +6,18 @@ A user's mistake (bad option value, missing file, empty prompt, ...) prints one 
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Optional
+import time
 
-import typer
+_START = time.perf_counter()  # process start, near enough: this module is imported first
 
-from .errors import CascadeError
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from .errors import CascadeError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -40,8 +44,11 @@ class _Streamer:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+        self.first_token_s: float | None = None
 
     def __call__(self, new: list[int]) -> None:
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - _START
         self.ids.extend(new)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
@@ -99,7 +106,10 @@ def generate(
     line = f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s"
     if gen.draft is not None:
         line += f", acceptance {stats['acceptance_rate']:.1%}, {stats['mean_accepted_length']:.2f} tokens/round"
-    line += f", stop: {stats['stop_reason']}]"
+    line += f", stop: {stats['stop_reason']}"
+    if streamer.first_token_s is not None:
+        line += f", first token {streamer.first_token_s:.1f} s after start"
+    line += "]"
     typer.echo(line, err=True)
 
 

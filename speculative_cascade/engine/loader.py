@@ -31,6 +31,7 @@ import torch
 from ..errors import CascadeError
 from .hf_fallback import HFCausalLM
 from .model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
+from .tokenizer import FastTokenizer
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,10 +142,44 @@ def _check_gguf_header(path: Path) -> None:
         raise CascadeError(f"cannot read GGUF file {path}: unsupported GGUF version {version}")
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+class _Config(dict):
+    """config.json as attributes (what ModelArgs.from_hf_config reads), without transformers'
+    AutoConfig, whose import costs ~1.5 s of start-up."""
 
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def read_config(path: Path) -> _Config | None:
+    """A native architecture's config.json with plain RoPE; None to defer to AutoConfig."""
     try:
+        d = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CascadeError(f"cannot read {Path(path) / 'config.json'}: {e}")
+    if not isinstance(d, dict):
+        raise CascadeError(f"{Path(path) / 'config.json'} is not a JSON object")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if d.get("model_type") not in SUPPORTED_ARCHITECTURES or rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise CascadeError(f"{Path(path) / 'config.json'} lacks {', '.join(missing)}")
+    d.setdefault("rms_norm_eps", 1e-6)
+    d.setdefault("max_position_embeddings", 2048)
+    return _Config(d)
+
+
+def load_tokenizer(path: str | Path, light: bool = True):
+    """The light :class:`FastTokenizer` where it applies, else transformers' AutoTokenizer."""
+    try:
+        if light and FastTokenizer.supports(path):
+            return FastTokenizer(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CascadeError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else e}")
@@ -157,13 +192,15 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
     name = DEFAULT_MODEL if spec in _DEFAULT_ALIASES else str(spec)
     if kind == "gguf":
         where = convert_gguf(Path(where), progress=progress)
-    from transformers import AutoConfig
+    config = read_config(where) if kind != "hub" else None
+    if config is None:
+        from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(str(where))
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CascadeError(f"cannot load model {spec!r}: {msg}")
+        try:
+            config = AutoConfig.from_pretrained(str(where))
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CascadeError(f"cannot load model {spec!r}: {msg}")
     tokenizer = load_tokenizer(where)
     use_native = getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES if native is None else native
     model: torch.nn.Module | None = None

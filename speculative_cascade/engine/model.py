@@ -74,7 +74,7 @@ class ModelArgs:
         window = getattr(config, "sliding_window", None) if model_type == "mistral" else None
         if window and getattr(config, "use_sliding_window", True):
             max_pos = min(max_pos, window)
-        eos = config.eos_token_id
+        eos = getattr(config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
             vocab_size=config.vocab_size,

@@ -70,14 +70,10 @@ def quantize_int8(model: Transformer) -> Transformer:
     """
     if not isinstance(model, Transformer):
         raise ValueError("INT8 quantization needs a native model (Llama, Mistral or Qwen2 family)")
-    emb, out = model.tok_embeddings, model.output
-    model.tok_embeddings, model.output = None, None
-    try:
-        q = copy.deepcopy(model)
-    finally:
-        model.tok_embeddings, model.output = emb, out
-    q.tok_embeddings = emb
-    q.output = Int8Linear(out)
+    # Copy the module tree but share every tensor: the Linear weights are replaced below,
+    # the rest (embedding table, norms) is read-only and shared with the original.
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    q = copy.deepcopy(model, memo)
     for parent in list(q.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
