@@ -52,6 +52,8 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_rmsnorm.restype = None
     lib.sc_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     lib.sc_silu_mul.restype = None
+    lib.sc_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float]
+    lib.sc_attention.restype = None
     return lib
 
 
@@ -83,3 +85,9 @@ def elementwise_kernels():
     """``(sc_rmsnorm, sc_silu_mul)``, or None when unavailable or disabled."""
     lib = _load()
     return None if lib is None else (lib.sc_rmsnorm, lib.sc_silu_mul)
+
+
+def attention_kernel():
+    """``sc_attention(...)`` (RoPE, cache write and causal attention of one row), or None."""
+    lib = _load()
+    return None if lib is None else lib.sc_attention

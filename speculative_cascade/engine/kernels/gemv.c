@@ -186,3 +186,57 @@ void sc_silu_mul(const float *gu, float *y, int M, int H) {
         for (int h = 0; h < H; h++) ym[h] = g[h] / (1.0f + expf(-g[h])) * u[h];
     }
 }
+
+/* One decoder layer's attention for T new tokens of one row, positions start..start+T-1:
+ * RoPE on q and k (interleaved pairs, rotations given as (cos, sin) pairs per position),
+ * k and v written into the row's cache at slots start.., then causal softmax attention
+ * over slots [0, start + t] for each new token t. Replaces ~25 small PyTorch ops.
+ *   qkv: (T, (nh + 2 nkv) * hd)   rot: (T, hd / 2, 2)   out: (T, nh * hd)
+ *   kc, vc: (nkv, S_max, hd) for this layer and row (contiguous)                     */
+void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, float *out,
+                  int T, int start, int S_max, int nh, int nkv, int hd, float scale) {
+    int width = (nh + 2 * nkv) * hd, half = hd / 2, group = nh / nkv;
+    float *q = (float *)__builtin_alloca((size_t)T * nh * hd * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        const float *row = qkv + (size_t)t * width, *r = rot + (size_t)t * hd;
+        for (int h = 0; h < nh + nkv; h++) {
+            const float *src = row + (size_t)h * hd;
+            float *dst = h < nh ? q + ((size_t)t * nh + h) * hd : kc + ((size_t)(h - nh) * S_max + start + t) * hd;
+            for (int i = 0; i < half; i++) {
+                float a = src[2 * i], b = src[2 * i + 1], c = r[2 * i], s = r[2 * i + 1];
+                dst[2 * i] = a * c - b * s;
+                dst[2 * i + 1] = a * s + b * c;
+            }
+        }
+        for (int g = 0; g < nkv; g++)
+            memcpy(vc + ((size_t)g * S_max + start + t) * hd, row + (size_t)(nh + nkv + g) * hd, hd * sizeof(float));
+    }
+    int S = start + T;
+#pragma omp parallel for schedule(static) if ((size_t)S * T * nh > 16384)
+    for (int job = 0; job < nh * T; job++) {
+        int h = job % nh, t = job / nh, n = start + t + 1;
+        const float *qh = q + ((size_t)t * nh + h) * hd;
+        const float *kg = kc + (size_t)(h / group) * S_max * hd, *vg = vc + (size_t)(h / group) * S_max * hd;
+        float *sc = (float *)__builtin_alloca((size_t)n * sizeof(float));
+        float mx = -INFINITY;
+        for (int s = 0; s < n; s++) {
+            const float *ks = kg + (size_t)s * hd;
+            float d = 0.f;
+            for (int i = 0; i < hd; i++) d += qh[i] * ks[i];
+            sc[s] = d * scale;
+            if (sc[s] > mx) mx = sc[s];
+        }
+        float sum = 0.f;
+        for (int s = 0; s < n; s++) {
+            sc[s] = expf(sc[s] - mx);
+            sum += sc[s];
+        }
+        float *o = out + (size_t)t * nh * hd + (size_t)h * hd;
+        for (int i = 0; i < hd; i++) o[i] = 0.f;
+        for (int s = 0; s < n; s++) {
+            const float *vs = vg + (size_t)s * hd;
+            float p = sc[s] / sum;
+            for (int i = 0; i < hd; i++) o[i] += p * vs[i];
+        }
+    }
+}
