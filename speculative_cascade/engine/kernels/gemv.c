@@ -212,7 +212,7 @@ void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, floa
             memcpy(vc + ((size_t)g * S_max + start + t) * hd, row + (size_t)(nh + nkv + g) * hd, hd * sizeof(float));
     }
     int S = start + T;
-#pragma omp parallel for schedule(static) if ((size_t)S * T * nh > 16384)
+#pragma omp parallel for schedule(static) if ((size_t)S * T * nh > 2048)
     for (int job = 0; job < nh * T; job++) {
         int h = job % nh, t = job / nh, n = start + t + 1;
         const float *qh = q + ((size_t)t * nh + h) * hd;
@@ -222,6 +222,7 @@ void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, floa
         for (int s = 0; s < n; s++) {
             const float *ks = kg + (size_t)s * hd;
             float d = 0.f;
+#pragma omp simd reduction(+:d)
             for (int i = 0; i < hd; i++) d += qh[i] * ks[i];
             sc[s] = d * scale;
             if (sc[s] > mx) mx = sc[s];
@@ -232,11 +233,27 @@ void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, floa
             sum += sc[s];
         }
         float *o = out + (size_t)t * nh * hd + (size_t)h * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (int s = 0; s < n; s++) {
-            const float *vs = vg + (size_t)s * hd;
-            float p = sc[s] / sum;
-            for (int i = 0; i < hd; i++) o[i] += p * vs[i];
+        if (hd % 16 == 0 && hd <= 256) { /* accumulate in registers */
+            v16 acc[16];
+            int nv = hd / 16;
+            for (int i = 0; i < nv; i++) acc[i] = (v16){0};
+            for (int s = 0; s < n; s++) {
+                const float *vs = vg + (size_t)s * hd;
+                float p = sc[s];
+                for (int i = 0; i < nv; i++) acc[i] += p * load16(vs + 16 * i);
+            }
+            float inv = 1.0f / sum;
+            for (int i = 0; i < nv; i++) {
+                v16 r = acc[i] * inv;
+                memcpy(o + 16 * i, &r, sizeof r);
+            }
+        } else {
+            for (int i = 0; i < hd; i++) o[i] = 0.f;
+            for (int s = 0; s < n; s++) {
+                const float *vs = vg + (size_t)s * hd;
+                float p = sc[s] / sum;
+                for (int i = 0; i < hd; i++) o[i] += p * vs[i];
+            }
         }
     }
 }
