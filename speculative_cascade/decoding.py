@@ -137,6 +137,25 @@ class ModelDrafter:
     def commit(self, n_committed: int) -> None:
         self.runner.truncate(n_committed)
 
+    def share_prefix(self, target: ModelRunner, n: int) -> bool:
+        """Start from the target's KV cache for the first ``n`` positions instead of a prefill.
+
+        Possible when the draft has the target's shape (an INT8 copy of it); the draft then
+        works on slightly better keys/values than its own, and the prompt is prefilled
+        once instead of twice. Verification by the target keeps the output lossless.
+        """
+        mine, theirs = self.runner.cache, target.cache
+        if not (hasattr(mine, "k") and hasattr(theirs, "k")):
+            return False
+        if mine.k.shape[:3] != theirs.k.shape[:3] or mine.k.shape[4] != theirs.k.shape[4] or mine.k.dtype != theirs.k.dtype:
+            return False
+        if n > mine.max_seq_len or theirs.seqlens[0] < n:
+            return False
+        mine.k[:, :, :, :n] = theirs.k[:, :, :, :n]
+        mine.v[:, :, :, :n] = theirs.v[:, :, :, :n]
+        mine.seqlens = [n] * mine.batch_size
+        return True
+
 
 def check_context(prompt_len: int, max_new_tokens: int, k: int, max_len: int) -> None:
     if prompt_len == 0:
@@ -223,6 +242,9 @@ def generate_tokens(
     # Prefill: the whole prompt but its last token, which every round feeds first.
     if len(ids) > 1:
         runner.forward(ids[:-1], last_only=True)
+        share = getattr(drafter, "share_prefix", None)
+        if share is not None:
+            share(runner, len(ids) - 1)
     stats.prefill_s = time.perf_counter() - t0
     while len(out) < max_new_tokens:
         kk = min(k, max_new_tokens - len(out) - 1)

@@ -229,3 +229,16 @@ def test_bad_sampling_params():
     for kw in ({"temperature": -1}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": math.nan}):
         with pytest.raises(CascadeError):
             SamplingParams(**kw)
+
+
+def test_int8_draft_shares_the_target_prefill():
+    from speculative_cascade.decoding import ModelRunner
+
+    runner = ModelRunner(TARGET, 64)
+    runner.forward([5, 6, 7, 8, 9])
+    same_shape = ModelDrafter(DRAFTERS["int8"], 64)
+    assert same_shape.share_prefix(runner, 5)
+    torch.testing.assert_close(same_shape.runner.cache.k[:, :, :, :5], runner.cache.k[:, :, :, :5])
+    assert same_shape.runner.length == 5
+    assert not ModelDrafter(DRAFTERS["random"], 64).share_prefix(runner, 5)  # one layer: not shareable
+    assert not ModelDrafter(DRAFTERS["hf-fallback"], 64).share_prefix(runner, 5)
