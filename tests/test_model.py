@@ -17,7 +17,18 @@ from conftest import hf_model, native_from_hf
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
     ],
 )
-def test_logits_match_transformers(kind, kw):
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_logits_match_transformers(kind, kw, kernels_on):
+    import contextlib
+
+    from speculative_cascade.engine import kernels
+
+    ctx = contextlib.nullcontext() if kernels_on else kernels.disabled()
+    with ctx:
+        _check_logits(kind, kw)
+
+
+def _check_logits(kind, kw):
     hf = hf_model(kind, seed=3, **kw)
     native = native_from_hf(hf)
     ids = torch.randint(0, hf.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -124,13 +135,16 @@ def test_cache_overflow_is_refused():
         native(torch.zeros(1, 9, dtype=torch.long), cache)
 
 
-def test_fallback_kernel_matches(monkeypatch):
-    """The pure-PyTorch product (no C compiler) gives the same logits as the C kernel."""
-    import speculative_cascade.engine.model as model_mod
+def test_fallback_paths_match():
+    """Pure PyTorch (no C compiler) and the per-op C kernels give the fused path's logits."""
+    from speculative_cascade.engine import kernels
 
     native = native_from_hf(hf_model("llama", seed=6))
     ids = torch.tensor([[3, 1, 4, 1, 5]])
-    ref = native(ids, native.new_cache(16))
-    monkeypatch.setattr(model_mod, "linear_kernel", lambda: None)
-    out = native(ids, native.new_cache(16))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    fused = native(ids, native.new_cache(16))
+    tree = torch.tril(torch.ones(1, 5, 5, dtype=torch.bool))
+    per_op = native(ids, native.new_cache(16), positions=torch.arange(5)[None], tree_mask=tree)
+    with kernels.disabled():
+        ref = native(ids, native.new_cache(16))
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_op, ref, rtol=1e-5, atol=1e-5)

@@ -79,19 +79,6 @@ class KVCache:
             self.v[layer, b, :, s : s + T] = v[b]
         return max(self.seqlens) + T
 
-    def move(self, row: int, src: list[int], dst_start: int) -> None:
-        """Copy the slots ``src`` of a row to ``[dst_start, dst_start + len(src))``.
-
-        Used to compact the cache onto an accepted path after tree verification; the
-        caller sets the cursor afterwards. A chain never needs it.
-        """
-        if list(src) == list(range(dst_start, dst_start + len(src))):
-            return
-        idx = torch.tensor(src, device=self.k.device)
-        dst = slice(dst_start, dst_start + len(src))
-        self.k[:, row, :, dst] = self.k[:, row, :, idx].clone()
-        self.v[:, row, :, dst] = self.v[:, row, :, idx].clone()
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

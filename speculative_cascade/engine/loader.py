@@ -192,7 +192,9 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
     name = DEFAULT_MODEL if spec in _DEFAULT_ALIASES else str(spec)
     if kind == "gguf":
         where = convert_gguf(Path(where), progress=progress)
-    config = read_config(where) if kind != "hub" else None
+    elif kind == "hub":
+        where = _hub_snapshot(str(where))
+    config = read_config(where)
     if config is None:
         from transformers import AutoConfig
 
@@ -212,16 +214,13 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
                 raise CascadeError(f"{spec}: {e}")
             use_native = False
         else:
-            sd = _read_state_dict(Path(where)) if kind != "hub" else None
-            if sd is None:
-                use_native = False
-            else:
-                model = Transformer(args)
-                try:
-                    model.load_hf_state_dict(sd)
-                except (ValueError, RuntimeError) as e:
-                    raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}")
-                model.eval()
+            sd = _read_state_dict(Path(where))
+            model = Transformer(args)
+            try:
+                model.load_hf_state_dict(sd)
+            except (ValueError, RuntimeError) as e:
+                raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}")
+            model.eval()
     if not use_native:
         from transformers import AutoModelForCausalLM
 
@@ -232,6 +231,19 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             raise CascadeError(f"cannot load model {spec!r}: {msg}")
         model = HFCausalLM(hf)
     return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A local copy of a hub model (from the hub cache when offline, else downloaded)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CascadeError(f"model {repo_id!r} is neither a local path nor reachable on the Hugging Face hub ({msg})")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import attention_kernel, elementwise_kernels, linear_kernel
+from .kernels import attention_kernel, elementwise_kernels, layer_kernel, linear_kernel
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -248,6 +248,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size, chunks=16)
         self._rope_cache: torch.Tensor | None = None
+        self._fused: tuple | bool | None = None  # per-layer pointers for the fused C layer
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may move
+        self._fused = None
+        self._rope_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -314,15 +320,70 @@ class Transformer(nn.Module):
             else:
                 positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
         freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2)
-        mask = self._mask(starts, T, tree_mask, tokens.device)
         causal_row = B == 1 and tree_mask is None and T <= 32
         x = self.tok_embeddings(tokens)  # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            x = layer.forward(x, freqs, cache, i, mask, causal_row)
+        fused = self._fused_layers(cache) if causal_row else None
+        if fused is not None:
+            x = self._run_fused(fused, x, freqs, cache)
+        else:
+            mask = self._mask(starts, T, tree_mask, tokens.device)
+            for i, layer in enumerate(self.layers):
+                x = layer.forward(x, freqs, cache, i, mask, causal_row)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.output.forward(self.norm.forward(x)).float()
+
+    def _fused_layers(self, cache: KVCache):
+        """(kernel, int8 flag, per-layer pointers) when every layer can run in ``sc_layer``."""
+        kernel = layer_kernel()
+        if kernel is None or cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+            return None
+        if self._fused is None:
+            self._fused = self._collect_fused_pointers() or False
+        return (kernel, *self._fused) if self._fused else None
+
+    def _collect_fused_pointers(self):
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        flags, layers = set(), []
+        for blk in self.layers:
+            lins = [blk.attention.wqkv, blk.attention.wo, blk.feed_forward.w13, blk.feed_forward.w2]
+            ps = []
+            for lin in lins:
+                if isinstance(lin, Linear) and lin.weight.dtype == torch.float32 and lin.weight.is_contiguous():
+                    flags.add(0)
+                    ps += [ptr(lin.weight), None, ptr(lin.bias)]
+                elif hasattr(lin, "w_int8") and lin.w_int8.numel() and lin.w_int8.is_contiguous():
+                    flags.add(1)
+                    ps += [ptr(lin.w_int8), ptr(lin.scales), ptr(lin.bias)]
+                else:
+                    return None
+                if lin.weight.device.type != "cpu" if isinstance(lin, Linear) else lin.w_int8.device.type != "cpu":
+                    return None
+            layers.append((ptr(blk.attention_norm.weight), ptr(blk.ffn_norm.weight), ps))
+        if len(flags) != 1:
+            return None
+        return flags.pop(), layers
+
+    def _run_fused(self, fused, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """All layers through the C ``sc_layer``: x (1, T, dim) -> (1, T, dim); writes the cache."""
+        kernel, int8, layers = fused
+        a = self.args
+        T = x.shape[1]
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        rot = torch.view_as_real(freqs).contiguous()  # (1, T, 1, hd/2, 2): cos, sin
+        layer_bytes = cache.k.stride(0) * cache.k.element_size()
+        k0, v0 = cache.k.data_ptr(), cache.v.data_ptr()
+        start = cache.seqlens[0]
+        for i, (n1, n2, ps) in enumerate(layers):
+            kernel(int8, x.data_ptr(), y.data_ptr(), n1, n2, a.norm_eps, *ps, rot.data_ptr(),
+                   k0 + i * layer_bytes, v0 + i * layer_bytes, T, start, cache.max_seq_len,
+                   a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size)
+            x, y = y, x
+        return x
 
     @staticmethod
     def _mask(starts: list[int], T: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -399,6 +460,7 @@ class Transformer(nn.Module):
                 blk.attention_norm.weight.copy_(take(p + "input_layernorm.weight"))
                 blk.ffn_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
             self.norm.weight.copy_(take("model.norm.weight"))
+        self._fused = None
         if a.tie_embeddings or "lm_head.weight" not in sd:
             self.output.weight = self.tok_embeddings.weight  # tied: one tensor, read once
         else:

@@ -79,5 +79,6 @@ def quantize_int8(model: Transformer) -> Transformer:
             if isinstance(child, Linear):
                 setattr(parent, name, Int8Linear(child))
     q._rope_cache = None
+    q._fused = None
     q.quantized = "int8"
     return q

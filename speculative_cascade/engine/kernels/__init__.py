@@ -10,6 +10,7 @@ the model uses a pure-PyTorch path instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -23,6 +24,7 @@ import torch
 _SRC = Path(__file__).with_name("gemv.c")
 _lib = None
 _tried = False
+_enabled = True
 
 
 def _build() -> ctypes.CDLL | None:
@@ -54,11 +56,28 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_silu_mul.restype = None
     lib.sc_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float]
     lib.sc_attention.restype = None
+    lib.sc_layer.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 15 + [ctypes.c_int] * 8
+    )
+    lib.sc_layer.restype = None
     return lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the pure-PyTorch paths inside this block (tests compare both)."""
+    global _enabled
+    old, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = old
 
 
 def _load():
     global _lib, _tried
+    if not _enabled:
+        return None
     if not _tried:
         _tried = True
         if os.environ.get("SPECULATIVE_CASCADE_KERNEL", "auto") != "torch":
@@ -91,3 +110,9 @@ def attention_kernel():
     """``sc_attention(...)`` (RoPE, cache write and causal attention of one row), or None."""
     lib = _load()
     return None if lib is None else lib.sc_attention
+
+
+def layer_kernel():
+    """``sc_layer(...)``: a whole decoder layer for a few tokens of one row, or None."""
+    lib = _load()
+    return None if lib is None else lib.sc_layer

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 
 typedef float v16 __attribute__((vector_size(64)));
 #define RB 8 /* weight rows per block */
@@ -256,4 +257,40 @@ void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, floa
             }
         }
     }
+}
+
+/* A whole decoder layer for T new tokens of one row, in one call:
+ *   x_out = x + Wo attn(RoPE(Wqkv rmsnorm(x)));  x_out += W2 (silu(Wg h) * Wu h), h = rmsnorm(x_out)
+ * Weights are fp32 (int8 == 0; scales unused) or INT8 with per-row scales (int8 == 1).
+ * At one token per call, PyTorch's per-op overhead (~25 ops a layer) costs more than
+ * the arithmetic outside the matrix products; this removes it. */
+static void lin(int int8, const float *x, const void *w, const float *s, const float *b, float *y,
+                int M, int N, int K) {
+    if (int8)
+        sc_linear_i8(x, (const signed char *)w, s, b, y, M, N, K);
+    else
+        sc_linear_f32(x, (const float *)w, b, y, M, N, K);
+}
+
+void sc_layer(int int8, const float *x, float *x_out, const float *attn_norm, const float *ffn_norm, float eps,
+              const void *wqkv, const float *sqkv, const float *bqkv, const void *wo, const float *so,
+              const float *bo, const void *w13, const float *s13, const float *b13, const void *w2,
+              const float *s2, const float *b2, const float *rot, float *kc, float *vc, int T, int start,
+              int S_max, int D, int nh, int nkv, int hd, int H) {
+    int qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
+    size_t need = (size_t)T * (D + qkv_w + att_w + D + 2 * H + H);
+    float *buf = (float *)malloc(need * sizeof(float));
+    float *h = buf, *qkv = h + (size_t)T * D, *att = qkv + (size_t)T * qkv_w, *o = att + (size_t)T * att_w;
+    float *gu = o + (size_t)T * D, *act = gu + (size_t)T * 2 * H;
+    sc_rmsnorm(x, attn_norm, h, T, D, eps);
+    lin(int8, h, wqkv, sqkv, bqkv, qkv, T, qkv_w, D);
+    sc_attention(qkv, rot, kc, vc, att, T, start, S_max, nh, nkv, hd, 1.0f / sqrtf((float)hd));
+    lin(int8, att, wo, so, bo, o, T, D, att_w);
+    for (size_t i = 0; i < (size_t)T * D; i++) x_out[i] = x[i] + o[i];
+    sc_rmsnorm(x_out, ffn_norm, h, T, D, eps);
+    lin(int8, h, w13, s13, b13, gu, T, 2 * H, D);
+    sc_silu_mul(gu, act, T, H);
+    lin(int8, act, w2, s2, b2, o, T, D, H);
+    for (size_t i = 0; i < (size_t)T * D; i++) x_out[i] += o[i];
+    free(buf);
 }
