@@ -143,3 +143,35 @@ def test_transformers_model_objects_are_accepted(tiny_tokenizer):
     ids = gen.generate_ids("hello world", max_new_tokens=12)
     plain = SpeculativeGenerator(target_model=target, draft_model=None, tokenizer=tiny_tokenizer, max_len=128)
     assert plain.generate_ids("hello world", max_new_tokens=12) == ids
+
+
+def test_other_architectures_run_through_transformers(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """A GPT-2 model (no native implementation) works as target and as draft."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=256, n_embd=32, n_layer=2, n_head=2)).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    base = ["generate", "the lazy dog", "-n", 12, "--no-chat", "--json"]
+    plain = invoke(*base, "-t", d, "-d", "none")
+    spec = invoke(*base, "-t", d, "-d", tiny_model_dir, "-k", 3)
+    assert plain.exit_code == 0 and spec.exit_code == 0, plain.output + spec.output
+    assert json.loads(plain.stdout)["token_ids"] == json.loads(spec.stdout)["token_ids"]
+    as_draft = invoke(*base, "-t", tiny_model_dir, "-d", d)
+    reference = invoke(*base, "-t", tiny_model_dir, "-d", "none")
+    assert json.loads(as_draft.stdout)["token_ids"] == json.loads(reference.stdout)["token_ids"]
+    info = json.loads(invoke("info", "-t", d, "-d", "none", "--json").stdout)
+    assert info["target"]["implementation"] == "transformers"
+    r = invoke(*base, "-t", d)  # the INT8 self-draft needs a native target
+    assert r.exit_code == 2 and "native target" in r.stderr
+
+
+def test_unknown_hub_id_is_a_clear_error(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    r = invoke("generate", "hi", "-t", "no-such-org/no-such-model", "--no-chat")
+    assert r.exit_code == 2 and "neither a local path nor reachable" in r.stderr, r.output
