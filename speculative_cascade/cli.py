@@ -198,6 +198,9 @@ def bench(
 
 
 def main() -> None:
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         app()
     except CascadeError as e:  # raised outside a command's own handler

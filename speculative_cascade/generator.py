@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
 from .decoding import GenerationStats, ModelDrafter, ModelRunner, StopChecker, generate_tokens
 from .engine.hf_fallback import HFCausalLM
+from .engine.kernels import linear_int8_kernel
 from .engine.loader import LoadedModel, load_model
 from .engine.model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
 from .engine.quant import quantize_int8
@@ -89,6 +91,12 @@ class SpeculativeGenerator:
             if not isinstance(self.target, Transformer):
                 raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
             self.draft = quantize_int8(self.target)
+            if linear_int8_kernel() is None and self.target.device.type == "cpu":
+                warnings.warn(
+                    "the INT8 kernels are unavailable (no C compiler?): the INT8 draft will be slower "
+                    "than plain decoding; pass draft_model=None (CLI: --draft none)",
+                    stacklevel=2,
+                )
         elif draft_model is None:
             self.draft = None
         else:

@@ -409,24 +409,22 @@ class Transformer(nn.Module):
     # -- weights -------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes of parameters and buffers (tied weights counted once)."""
+        """Bytes of parameters and buffers (tied or shared tensors counted once)."""
         seen, total = set(), 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        for m in self.modules():  # packed int8 weights are held outside parameters
-            total += getattr(m, "packed_nbytes", 0)
         return total
 
     def num_parameters(self) -> int:
+        """Weights of the model, quantized ones included (tied tensors counted once)."""
         seen, total = set(), 0
-        for t in self.parameters():
+        tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if n.endswith("w_int8")]
+        for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel()
-        for m in self.modules():
-            total += getattr(m, "packed_numel", 0)
         return total
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
