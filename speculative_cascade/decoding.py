@@ -157,6 +157,14 @@ class ModelDrafter:
         return True
 
 
+def eos_ids(model, tokenizer=None) -> set[int]:
+    """End-of-sequence ids: the model config's and the tokenizer's."""
+    ids = set(getattr(model, "eos_token_ids", ()) or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def check_context(prompt_len: int, max_new_tokens: int, k: int, max_len: int) -> None:
     if prompt_len == 0:
         raise CascadeError("the prompt is empty")

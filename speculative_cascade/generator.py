@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .decoding import GenerationStats, ModelDrafter, ModelRunner, StopChecker, generate_tokens
+from .decoding import GenerationStats, ModelDrafter, ModelRunner, StopChecker, eos_ids, generate_tokens
 from .engine.hf_fallback import HFCausalLM
 from .engine.kernels import linear_int8_kernel
 from .engine.loader import LoadedModel, load_model
@@ -131,12 +131,6 @@ class SpeculativeGenerator:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
-    def eos_token_ids(self) -> set[int]:
-        ids = set(getattr(self.target, "eos_token_ids", ()) or ())
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     # -- generation ----------------------------------------------------------------------
     def generate_ids(
         self,
@@ -155,7 +149,7 @@ class SpeculativeGenerator:
         """Generate and return the new token ids; statistics go to :meth:`get_stats`."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode(prompt, chat=chat)
-        stopper = StopChecker(self.eos_token_ids(), stop, lambda t: self.tokenizer.decode(t))
+        stopper = StopChecker(eos_ids(self.target, self.tokenizer), stop, lambda t: self.tokenizer.decode(t))
         drafter = self._drafter if speculative else None
         out, self._stats = generate_tokens(
             self.target,

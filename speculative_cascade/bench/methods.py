@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import ModelDrafter, ModelRunner, StopChecker, generate_tokens
+from ..decoding import ModelDrafter, ModelRunner, StopChecker, eos_ids, generate_tokens
 from ..errors import CascadeError
 
 
@@ -44,10 +44,7 @@ class BenchContext:
         return self._draft
 
     def eos_ids(self) -> set[int]:
-        ids = set(getattr(self.target, "eos_token_ids", ()) or ())
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return eos_ids(self.target, self.tokenizer)
 
 
 class Method:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import attention_kernel, elementwise_kernels, layer_kernel, linear_kernel
+from .kernels import elementwise_kernels, layer_kernel, linear_kernel
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -148,19 +148,10 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q_size + 2 * kv_size, bias=args.qkv_bias)
         self.wo = Linear(q_size, args.dim, bias=args.o_bias)
 
-    def forward(self, x, freqs: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None,
-                causal_row: bool = False) -> torch.Tensor:
-        """causal_row: one row, plain causal attention, few tokens: the fused C kernel may run."""
+    def forward(self, x, freqs: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv.forward(x)  # (B, T, (nh + 2 nkv) hd); q and k rows are in interleaved RoPE order
-        kernel = attention_kernel() if causal_row and _fusable(qkv) and cache.k.is_contiguous() else None
-        if kernel is not None:  # chain decoding of one row: RoPE, cache write, attention in one C call
-            y = torch.empty(B, T, nh * hd)
-            rot = torch.view_as_real(freqs)  # (B, T, 1, hd/2, 2): cos, sin
-            kernel(qkv.data_ptr(), rot.data_ptr(), cache.k[layer, 0].data_ptr(), cache.v[layer, 0].data_ptr(),
-                   y.data_ptr(), T, cache.seqlens[0], cache.max_seq_len, nh, nkv, hd, hd ** -0.5)
-            return self.wo.forward(y)
         qk = torch.view_as_complex(qkv[..., : (nh + nkv) * hd].reshape(B, T, nh + nkv, hd // 2, 2))
         qk = torch.view_as_real(qk * freqs).flatten(3)  # (B, T, nh + nkv, hd), rotated
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
@@ -220,9 +211,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, freqs, cache, layer, mask, causal_row=False):
+    def forward(self, x, freqs, cache, layer, mask):
         # .forward() directly: nn.Module.__call__ costs more than the small ops here
-        h = x + self.attention.forward(self.attention_norm.forward(x), freqs, cache, layer, mask, causal_row)
+        h = x + self.attention.forward(self.attention_norm.forward(x), freqs, cache, layer, mask)
         return h + self.feed_forward.forward(self.ffn_norm.forward(h))
 
 
@@ -328,7 +319,7 @@ class Transformer(nn.Module):
         else:
             mask = self._mask(starts, T, tree_mask, tokens.device)
             for i, layer in enumerate(self.layers):
-                x = layer.forward(x, freqs, cache, i, mask, causal_row)
+                x = layer.forward(x, freqs, cache, i, mask)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]

@@ -106,12 +106,6 @@ def elementwise_kernels():
     return None if lib is None else (lib.sc_rmsnorm, lib.sc_silu_mul)
 
 
-def attention_kernel():
-    """``sc_attention(...)`` (RoPE, cache write and causal attention of one row), or None."""
-    lib = _load()
-    return None if lib is None else lib.sc_attention
-
-
 def layer_kernel():
     """``sc_layer(...)``: a whole decoder layer for a few tokens of one row, or None."""
     lib = _load()
