@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,14 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         return None
     src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + cc.encode() + torch.__version__.encode()).hexdigest()[:12]
+    # -march=native: the binary is only valid on this kind of CPU, so the CPU is in the key
+    cpu = platform.processor() + platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    tag = hashlib.sha256(src + cc.encode() + torch.__version__.encode() + cpu.encode()).hexdigest()[:12]
     out = cache_dir() / "kernels" / f"gemv-{tag}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +67,7 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_layer.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 15 + [ctypes.c_int] * 8
     )
-    lib.sc_layer.restype = None
+    lib.sc_layer.restype = ctypes.c_int
     return lib
 
 

@@ -272,7 +272,7 @@ static void lin(int int8, const float *x, const void *w, const float *s, const f
         sc_linear_f32(x, (const float *)w, b, y, M, N, K);
 }
 
-void sc_layer(int int8, const float *x, float *x_out, const float *attn_norm, const float *ffn_norm, float eps,
+int sc_layer(int int8, const float *x, float *x_out, const float *attn_norm, const float *ffn_norm, float eps,
               const void *wqkv, const float *sqkv, const float *bqkv, const void *wo, const float *so,
               const float *bo, const void *w13, const float *s13, const float *b13, const void *w2,
               const float *s2, const float *b2, const float *rot, float *kc, float *vc, int T, int start,
@@ -280,6 +280,7 @@ void sc_layer(int int8, const float *x, float *x_out, const float *attn_norm, co
     int qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
     size_t need = (size_t)T * (D + qkv_w + att_w + D + 2 * H + H);
     float *buf = (float *)malloc(need * sizeof(float));
+    if (!buf) return 1;
     float *h = buf, *qkv = h + (size_t)T * D, *att = qkv + (size_t)T * qkv_w, *o = att + (size_t)T * att_w;
     float *gu = o + (size_t)T * D, *act = gu + (size_t)T * 2 * H;
     sc_rmsnorm(x, attn_norm, h, T, D, eps);
@@ -293,4 +294,5 @@ void sc_layer(int int8, const float *x, float *x_out, const float *attn_norm, co
     lin(int8, act, w2, s2, b2, o, T, D, H);
     for (size_t i = 0; i < (size_t)T * D; i++) x_out[i] += o[i];
     free(buf);
+    return 0;
 }
