@@ -201,13 +201,22 @@ def main() -> None:
     import warnings
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        sys.exit(130)
     except CascadeError as e:  # raised outside a command's own handler
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except typer.TyperException as e:  # bad option value, missing argument, unknown command
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see 'cascade {ctx.info_name} --help')" if ctx is not None and ctx.parent is not None else ""
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if message:  # empty when the help was shown for a bare `cascade`
+            typer.echo(f"error: {message}{hint}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

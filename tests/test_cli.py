@@ -175,3 +175,22 @@ def test_unknown_hub_id_is_a_clear_error(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
     r = invoke("generate", "hi", "-t", "no-such-org/no-such-model", "--no-chat")
     assert r.exit_code == 2 and "neither a local path nor reachable" in r.stderr, r.output
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "hi", "--temperature", "abc"], "Invalid value for '--temperature'"),
+        (["generate"], "Missing argument"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line(monkeypatch, capsys, argv, needle):
+    from speculative_cascade.cli import main
+
+    monkeypatch.setattr("sys.argv", ["cascade", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
