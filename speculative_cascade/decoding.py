@@ -147,7 +147,11 @@ class ModelDrafter:
         mine, theirs = self.runner.cache, target.cache
         if not (hasattr(mine, "k") and hasattr(theirs, "k")):
             return False
-        if mine.k.shape[:3] != theirs.k.shape[:3] or mine.k.shape[4] != theirs.k.shape[4] or mine.k.dtype != theirs.k.dtype:
+        if (
+            mine.k.shape[:3] != theirs.k.shape[:3]
+            or mine.k.shape[4] != theirs.k.shape[4]
+            or mine.k.dtype != theirs.k.dtype
+        ):
             return False
         if n > mine.max_seq_len or theirs.seqlens[0] < n:
             return False

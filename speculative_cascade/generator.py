@@ -1,9 +1,9 @@
 """The Python API: :class:`SpeculativeGenerator` and the one-line :func:`generate`.
 
-    from speculative_cascade import SpeculativeGenerator
-    gen = SpeculativeGenerator()                   # embedded SmolLM2, INT8 self-draft
-    print(gen.generate("The future of AI is", max_new_tokens=64))
-    print(gen.get_stats()["acceptance_rate"])
+from speculative_cascade import SpeculativeGenerator
+gen = SpeculativeGenerator()                   # embedded SmolLM2, INT8 self-draft
+print(gen.generate("The future of AI is", max_new_tokens=64))
+print(gen.get_stats()["acceptance_rate"])
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ def test_generate_json_greedy_equals_plain(tiny_model_dir, tiny_draft_dir):
 
 
 def test_generate_streams_and_summarizes(tiny_model_dir):
-    r = invoke("generate", "hello world", "-t", tiny_model_dir, "-n", 10, "--no-chat", "--temperature", 0.8, "--seed", 1)
+    r = invoke(
+        "generate", "hello world", "-t", tiny_model_dir, "-n", 10, "--no-chat", "--temperature", 0.8, "--seed", 1
+    )
     assert r.exit_code == 0, r.output
     assert "tok/s" in r.stderr and "acceptance" in r.stderr
 
@@ -101,12 +103,28 @@ def test_info(tiny_model_dir):
 
 def test_bench_report(tmp_path, tiny_model_dir):
     prompts = tmp_path / "q.jsonl"
-    rows = [{"question_id": i, "category": c, "turns": [t, "second turn"]}
-            for i, (c, t) in enumerate([("a", "the quick fox"), ("a", "hello"), ("b", "lazy dog"), ("b", "x")])]
+    rows = [
+        {"question_id": i, "category": c, "turns": [t, "second turn"]}
+        for i, (c, t) in enumerate([("a", "the quick fox"), ("a", "hello"), ("b", "lazy dog"), ("b", "x")])
+    ]
     prompts.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "r.json"
-    r = invoke("bench", "--prompts", prompts, "--per-category", 1, "-n", 12, "--methods", "hf,ar,spec",
-               "-t", tiny_model_dir, "--no-chat", "--json", out)
+    r = invoke(
+        "bench",
+        "--prompts",
+        prompts,
+        "--per-category",
+        1,
+        "-n",
+        12,
+        "--methods",
+        "hf,ar,spec",
+        "-t",
+        tiny_model_dir,
+        "--no-chat",
+        "--json",
+        out,
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["config"]["prompts"] == 2

@@ -13,8 +13,18 @@ from conftest import hf_model, native_from_hf
         ("llama", {"tie": False}),
         ("qwen2", {}),
         ("mistral", {"tie": False}),
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                }
+            },
+        ),
     ],
 )
 @pytest.mark.parametrize("kernels_on", [True, False])

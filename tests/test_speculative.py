@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import hf_model, native_from_hf, tiny_native
+from conftest import hf_model, tiny_native
 from speculative_cascade import verify as verify_mod
 from speculative_cascade.decoding import ModelDrafter, StopChecker, generate_tokens
 from speculative_cascade.engine.hf_fallback import HFCausalLM
@@ -42,8 +42,13 @@ def ar(prompt, n=24, **kw):
 def test_greedy_equals_autoregressive(name, k):
     for prompt in PROMPTS:
         out, stats = generate_tokens(
-            TARGET, prompt, drafter=ModelDrafter(DRAFTERS[name], 128), k=k, max_new_tokens=24,
-            stop=StopChecker(()), max_len=128,
+            TARGET,
+            prompt,
+            drafter=ModelDrafter(DRAFTERS[name], 128),
+            k=k,
+            max_new_tokens=24,
+            stop=StopChecker(()),
+            max_len=128,
         )
         assert out == ar(prompt)
         assert stats.new_tokens == 24
@@ -54,8 +59,13 @@ def test_greedy_equals_autoregressive(name, k):
 def test_random_drafter_is_really_rejected():
     """The equality above is not vacuous: the random drafter disagrees with the target."""
     _, stats = generate_tokens(
-        TARGET, PROMPTS[0], drafter=ModelDrafter(DRAFTERS["random"], 128), k=4, max_new_tokens=24,
-        stop=StopChecker(()), max_len=128,
+        TARGET,
+        PROMPTS[0],
+        drafter=ModelDrafter(DRAFTERS["random"], 128),
+        k=4,
+        max_new_tokens=24,
+        stop=StopChecker(()),
+        max_len=128,
     )
     assert stats.acceptance_rate < 0.7
 
@@ -78,6 +88,7 @@ def test_greedy_equality_property(prompt, k, n, seed):
 
 
 # -- sampling ------------------------------------------------------------------------------
+
 
 def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled."""
@@ -159,8 +170,14 @@ def test_end_to_end_sampling_matches_target_joint():
     drafter = ModelDrafter(draft, 16)
     for s in range(6000):
         out, _ = generate_tokens(
-            target, prompt, drafter=drafter, k=2, max_new_tokens=2,
-            params=SamplingParams(temperature=1.0, seed=s), stop=StopChecker(()), max_len=16,
+            target,
+            prompt,
+            drafter=drafter,
+            k=2,
+            max_new_tokens=2,
+            params=SamplingParams(temperature=1.0, seed=s),
+            stop=StopChecker(()),
+            max_len=16,
         )
         counts[out[0] * V + out[1]] += 1
     assert params.temperature == 1.0
@@ -182,8 +199,16 @@ def test_top_k_top_p_sampling_is_lossless():
 def test_seeded_sampling_is_deterministic():
     d = ModelDrafter(DRAFTERS["random"], 128)
     runs = [
-        generate_tokens(TARGET, PROMPTS[0], drafter=d, k=3, max_new_tokens=20,
-                        params=SamplingParams(temperature=1.0, seed=s), stop=StopChecker(()), max_len=128)[0]
+        generate_tokens(
+            TARGET,
+            PROMPTS[0],
+            drafter=d,
+            k=3,
+            max_new_tokens=20,
+            params=SamplingParams(temperature=1.0, seed=s),
+            stop=StopChecker(()),
+            max_len=128,
+        )[0]
         for s in (7, 7, 8)
     ]
     assert runs[0] == runs[1]
@@ -191,6 +216,7 @@ def test_seeded_sampling_is_deterministic():
 
 
 # -- stops and limits ----------------------------------------------------------------------
+
 
 def test_eos_stops_and_is_dropped():
     full = ar(PROMPTS[0], n=24)
@@ -209,8 +235,13 @@ def test_stop_string_keeps_shortest_prefix():
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     target_str = decode(full[6:8])
     out, stats = generate_tokens(
-        TARGET, PROMPTS[0], drafter=ModelDrafter(DRAFTERS["same"], 128), k=5, max_new_tokens=24,
-        stop=StopChecker((), [target_str], decode), max_len=128,
+        TARGET,
+        PROMPTS[0],
+        drafter=ModelDrafter(DRAFTERS["same"], 128),
+        k=5,
+        max_new_tokens=24,
+        stop=StopChecker((), [target_str], decode),
+        max_len=128,
     )
     assert target_str in decode(out) and target_str not in decode(out[:-1])
     assert stats.stop_reason == "stop_string"

@@ -43,7 +43,7 @@ def load_prompts(path: Path | None, per_category: int) -> list[dict]:
                 if not isinstance(prompt, str):
                     raise TypeError
             except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                raise CascadeError(f"{path}:{n}: not a Spec-Bench line (needs 'turns': [text, ...])")
+                raise CascadeError(f"{path}:{n}: not a Spec-Bench line (needs 'turns': [text, ...])") from None
             cat = obj.get("category", "all")
             if per_category and seen[cat] >= per_category:
                 continue
@@ -89,7 +89,9 @@ def run_bench(
 
     def encode(text: str) -> list[int]:
         if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             return tok.encode(text, add_special_tokens=False)
         return tok.encode(text)
 
@@ -160,8 +162,14 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             rounds = sum(s["rounds"] for s in stats)
             m["mean_accepted_length"] = sum(s["new_tokens"] for s in stats) / rounds if rounds else 0.0
             width = max(len(s["accepted_by_position"]) for s in stats)
-            acc = [sum(s["accepted_by_position"][i] for s in stats if i < len(s["accepted_by_position"])) for i in range(width)]
-            dr = [sum(s["drafted_by_position"][i] for s in stats if i < len(s["drafted_by_position"])) for i in range(width)]
+            acc = [
+                sum(s["accepted_by_position"][i] for s in stats if i < len(s["accepted_by_position"]))
+                for i in range(width)
+            ]
+            dr = [
+                sum(s["drafted_by_position"][i] for s in stats if i < len(s["drafted_by_position"]))
+                for i in range(width)
+            ]
             m["acceptance_by_position"] = [a / d if d else 0.0 for a, d in zip(acc, dr)]
             m["time_draft_s"] = sum(s["draft_s"] for s in stats)
             m["time_verify_s"] = sum(s["verify_s"] for s in stats)

@@ -111,7 +111,9 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # corrupt or unsupported file: transformers raises many types
-        raise CascadeError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise CascadeError(
+            f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
@@ -158,11 +160,14 @@ def read_config(path: Path) -> _Config | None:
     try:
         d = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CascadeError(f"cannot read {Path(path) / 'config.json'}: {e}")
+        raise CascadeError(f"cannot read {Path(path) / 'config.json'}: {e}") from e
     if not isinstance(d, dict):
         raise CascadeError(f"{Path(path) / 'config.json'} is not a JSON object")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if d.get("model_type") not in SUPPORTED_ARCHITECTURES or rope.get("rope_type", rope.get("type", "default")) != "default":
+    if (
+        d.get("model_type") not in SUPPORTED_ARCHITECTURES
+        or rope.get("rope_type", rope.get("type", "default")) != "default"
+    ):
         return None
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     missing = [k for k in required if k not in d]
@@ -182,7 +187,7 @@ def load_tokenizer(path: str | Path, light: bool = True):
 
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise CascadeError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else e}")
+        raise CascadeError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else e}") from e
 
 
 def load_model(spec: str | None = None, *, native: bool | None = None, progress: bool = True) -> LoadedModel:
@@ -202,7 +207,7 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             config = AutoConfig.from_pretrained(str(where))
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CascadeError(f"cannot load model {spec!r}: {msg}")
+            raise CascadeError(f"cannot load model {spec!r}: {msg}") from e
     tokenizer = load_tokenizer(where)
     use_native = getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES if native is None else native
     model: torch.nn.Module | None = None
@@ -211,7 +216,7 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             args = ModelArgs.from_hf_config(config)
         except ValueError as e:
             if native:
-                raise CascadeError(f"{spec}: {e}")
+                raise CascadeError(f"{spec}: {e}") from e
             use_native = False
         else:
             sd = _read_state_dict(Path(where))
@@ -219,7 +224,7 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             try:
                 model.load_hf_state_dict(sd)
             except (ValueError, RuntimeError) as e:
-                raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}")
+                raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}") from e
             model.eval()
     if not use_native:
         from transformers import AutoModelForCausalLM
@@ -228,7 +233,7 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             hf = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CascadeError(f"cannot load model {spec!r}: {msg}")
+            raise CascadeError(f"cannot load model {spec!r}: {msg}") from e
         model = HFCausalLM(hf)
     return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0)
 
@@ -243,7 +248,9 @@ def _hub_snapshot(repo_id: str) -> Path:
         )
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CascadeError(f"model {repo_id!r} is neither a local path nor reachable on the Hugging Face hub ({msg})")
+        raise CascadeError(
+            f"model {repo_id!r} is neither a local path nor reachable on the Hugging Face hub ({msg})"
+        ) from e
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
@@ -265,5 +272,5 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
                 sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
             return sd
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CascadeError(f"corrupt weights in {path}: {str(e).splitlines()[0] if str(e) else e}")
+        raise CascadeError(f"corrupt weights in {path}: {str(e).splitlines()[0] if str(e) else e}") from e
     raise CascadeError(f"no weights (*.safetensors or pytorch_model*.bin) in {path}")

@@ -372,9 +372,26 @@ class Transformer(nn.Module):
         k0, v0 = cache.k.data_ptr(), cache.v.data_ptr()
         start = cache.seqlens[0]
         for i, (n1, n2, ps) in enumerate(layers):
-            status = kernel(int8, x.data_ptr(), y.data_ptr(), n1, n2, a.norm_eps, *ps, rot.data_ptr(),
-                            k0 + i * layer_bytes, v0 + i * layer_bytes, T, start, cache.max_seq_len,
-                            a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size)
+            status = kernel(
+                int8,
+                x.data_ptr(),
+                y.data_ptr(),
+                n1,
+                n2,
+                a.norm_eps,
+                *ps,
+                rot.data_ptr(),
+                k0 + i * layer_bytes,
+                v0 + i * layer_bytes,
+                T,
+                start,
+                cache.max_seq_len,
+                a.dim,
+                a.n_heads,
+                a.n_kv_heads,
+                a.head_dim,
+                a.intermediate_size,
+            )
             if status:
                 raise MemoryError("out of memory in the fused decoder layer")
             x, y = y, x

@@ -50,7 +50,9 @@ class FastTokenizer:
             d = json.loads(cfg.read_text()) if cfg.is_file() else {}
         except ValueError:
             return False
-        return d.get("tokenizer_class", "") in GENERIC_CLASSES and isinstance(d.get("chat_template", ""), (str, type(None)))
+        return d.get("tokenizer_class", "") in GENERIC_CLASSES and isinstance(
+            d.get("chat_template", ""), (str, type(None))
+        )
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -61,8 +63,18 @@ class FastTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:  # as transformers' clean_up_tokenization
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            for a, b in (
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ):
                 text = text.replace(a, b)
         return text
 
@@ -75,7 +87,9 @@ class FastTokenizer:
             def raise_exception(message):
                 raise ValueError(message)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
