@@ -1,11 +1,14 @@
-"""A small C kernel for fp32 products with few rows, built on first use.
+"""C kernels for decoding on CPUs, built on first use.
 
-PyTorch's fp32 GEMV (MKL) streams weights at ~9 GB/s on the AMD CPUs this project is
-tuned on; ``gemv.c`` reads each weight row once for all rows of the input and reaches
-~20 GB/s with two threads, so verifying 6 tokens costs ~1.3x decoding one instead of ~2x.
-It also has the INT8 weight-only product the drafts use. It is compiled with the system C compiler into the cache directory the first time it is
-needed (about a second). Without a compiler, or with ``SPECULATIVE_CASCADE_KERNEL=torch``,
-the model uses a pure-PyTorch path instead.
+``gemv.c`` holds fp32 and INT8 (weight-only) products for few input rows, RMSNorm, the
+SiLU gate, causal attention with RoPE and the cache write, and a whole decoder layer
+(``sc_layer``) composed of them. PyTorch's fp32 GEMV (MKL) streams weights at ~9 GB/s on
+the AMD CPUs this project is tuned on; these products read each block of weight rows
+once for all input rows and prefetch ahead (~22-25 GB/s), and one call per layer removes
+PyTorch's per-op overhead. The file is compiled with the system C compiler into the cache
+directory the first time it is needed (about two seconds), keyed by source, compiler,
+CPU and torch version. Without a compiler, or with ``SPECULATIVE_CASCADE_KERNEL=torch``,
+the model uses its pure-PyTorch paths instead.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _build() -> ctypes.CDLL | None:
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", str(tmp), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"note: fp32 kernel not built ({r.stderr.strip().splitlines()[-1:]}); using PyTorch", file=sys.stderr)
+            print(f"note: C kernels not built ({r.stderr.strip().splitlines()[-1:]}); using PyTorch", file=sys.stderr)
             return None
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
@@ -62,8 +65,6 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_rmsnorm.restype = None
     lib.sc_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     lib.sc_silu_mul.restype = None
-    lib.sc_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float]
-    lib.sc_attention.restype = None
     lib.sc_layer.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 15 + [ctypes.c_int] * 8
     )

@@ -24,6 +24,14 @@ typedef float v16 __attribute__((vector_size(64)));
 #endif
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+/* Software prefetch for the block `ahead` blocks after the one at `block` (each `block_bytes`
+ * long): a step of the k loop that covers `step_off` into the block prefetches the matching
+ * `step_bytes` of the future block, so the whole block is requested once per pass. */
+static inline void prefetch_ahead(const void *block, size_t block_bytes, int ahead, size_t step_off, int step_bytes) {
+    const char *p = (const char *)block + (size_t)ahead * block_bytes + step_off;
+    for (int line = 0; line < step_bytes; line += 64) __builtin_prefetch(p + line, 0, 0);
+}
+
 static inline float hsum(v16 v) {
     float s = 0.f;
     for (int i = 0; i < 16; i++) s += v[i];
@@ -40,10 +48,7 @@ static void block_f32(const float *x, const float *wr, float *y, int M, int N, i
         for (int j = 0; j < RB; j++) a[j] = c[j] = (v16){0};
         for (int k = 0; k < K16; k += 16) {
             v16 xv0 = load16(x0 + k), xv1 = load16(x1 + k);
-            if (m == 0) {
-                const char *pf = (const char *)(wr + (size_t)PF_F32 * RB * K) + (size_t)k * RB * 4;
-                for (int line = 0; line < RB * 64; line += 64) __builtin_prefetch(pf + line, 0, 0);
-            }
+            if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
             for (int j = 0; j < RB; j++) {
                 v16 wv = load16(wr + (size_t)j * K + k);
                 a[j] += xv0 * wv;
@@ -66,10 +71,7 @@ static void block_f32(const float *x, const float *wr, float *y, int M, int N, i
         for (int j = 0; j < RB; j++) a[j] = (v16){0};
         for (int k = 0; k < K16; k += 16) {
             v16 xv0 = load16(x0 + k);
-            if (m == 0) { /* the block PF_F32 blocks ahead: RB * 64 bytes per step covers it */
-                const char *pf = (const char *)(wr + (size_t)PF_F32 * RB * K) + (size_t)k * RB * 4;
-                for (int line = 0; line < RB * 64; line += 64) __builtin_prefetch(pf + line, 0, 0);
-            }
+            if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
             for (int j = 0; j < RB; j++) a[j] += xv0 * load16(wr + (size_t)j * K + k);
         }
         for (int j = 0; j < RB; j++) {
@@ -137,10 +139,7 @@ static void block_i8(const float *x, const signed char *wr, const float *s, cons
         for (int j = 0; j < RB; j++) a[j] = (v16){0};
         for (int k = 0; k < K16; k += 16) {
             v16 xv0 = load16(x0 + k);
-            if (m == 0) { /* the block PF_I8 blocks ahead: RB * 16 bytes per step covers it */
-                const char *pf = (const char *)wr + (size_t)PF_I8 * RB * K + (size_t)k * RB;
-                for (int line = 0; line < RB * 16; line += 64) __builtin_prefetch(pf + line, 0, 0);
-            }
+            if (m == 0) prefetch_ahead(wr, (size_t)RB * K, PF_I8, (size_t)k * RB, RB * 16);
             for (int j = 0; j < RB; j++) a[j] += xv0 * load16_i8(wr + (size_t)j * K + k);
         }
         for (int j = 0; j < RB; j++) {
