@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .decoding import GenerationStats, ModelDrafter, ModelRunner, StopChecker, eos_ids, generate_tokens
+from .decoding import GenerationStats, StopChecker, eos_ids, generate_tokens
+from .stages.model import ModelStage
 from .engine.hf_fallback import HFCausalLM
 from .engine.kernels import linear_int8_kernel
 from .engine.loader import LoadedModel, load_model
@@ -109,8 +110,8 @@ class SpeculativeGenerator:
         if self.draft is not None:
             self.draft.to(device)
         self.K = K
-        self._runner = ModelRunner(self.target, self.max_len)
-        self._drafter = ModelDrafter(self.draft, self.max_len) if self.draft is not None else None
+        self._target_stage = ModelStage(self.target, self.max_len, name="target")
+        self._drafter = ModelStage(self.draft, self.max_len, name="draft") if self.draft is not None else None
         self._stats = GenerationStats()
         self.last_token_ids: list[int] = []
 
@@ -160,7 +161,7 @@ class SpeculativeGenerator:
             params=params,
             stop=stopper,
             max_len=self.max_len,
-            target_runner=self._runner,
+            target_stage=self._target_stage,
             on_tokens=on_tokens,
         )
         self.last_token_ids = out

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from conftest import hf_model, tiny_native
 from speculative_cascade import verify as verify_mod
-from speculative_cascade.decoding import ModelDrafter, StopChecker, generate_tokens
+from speculative_cascade.decoding import StopChecker, generate_tokens
+from speculative_cascade.stages.model import ModelStage
 from speculative_cascade.engine.hf_fallback import HFCausalLM
 from speculative_cascade.engine.quant import quantize_int8
 from speculative_cascade.errors import CascadeError
@@ -44,7 +45,7 @@ def test_greedy_equals_autoregressive(name, k):
         out, stats = generate_tokens(
             TARGET,
             prompt,
-            drafter=ModelDrafter(DRAFTERS[name], 128),
+            drafter=ModelStage(DRAFTERS[name], 128),
             k=k,
             max_new_tokens=24,
             stop=StopChecker(()),
@@ -61,7 +62,7 @@ def test_random_drafter_is_really_rejected():
     _, stats = generate_tokens(
         TARGET,
         PROMPTS[0],
-        drafter=ModelDrafter(DRAFTERS["random"], 128),
+        drafter=ModelStage(DRAFTERS["random"], 128),
         k=4,
         max_new_tokens=24,
         stop=StopChecker(()),
@@ -80,7 +81,7 @@ def test_random_drafter_is_really_rejected():
 def test_greedy_equality_property(prompt, k, n, seed):
     draft = [DRAFTERS["random"], DRAFTERS["int8"], DRAFTERS["same"], tiny_native(seed=20 + seed, layers=1)][seed]
     out, stats = generate_tokens(
-        TARGET, prompt, drafter=ModelDrafter(draft, 64), k=k, max_new_tokens=n, stop=StopChecker(()), max_len=64
+        TARGET, prompt, drafter=ModelStage(draft, 64), k=k, max_new_tokens=n, stop=StopChecker(()), max_len=64
     )
     assert out == ar(prompt, n=n)
     assert stats.accepted <= stats.drafted
@@ -167,7 +168,7 @@ def test_end_to_end_sampling_matches_target_joint():
             p2 = torch.softmax(target(torch.tensor([prompt + [t1]]), target.new_cache(8))[0, -1], -1)
             joint[t1] = p1[t1] * p2
     counts = np.zeros(V * V)
-    drafter = ModelDrafter(draft, 16)
+    drafter = ModelStage(draft, 16)
     for s in range(6000):
         out, _ = generate_tokens(
             target,
@@ -197,7 +198,7 @@ def test_top_k_top_p_sampling_is_lossless():
 
 
 def test_seeded_sampling_is_deterministic():
-    d = ModelDrafter(DRAFTERS["random"], 128)
+    d = ModelStage(DRAFTERS["random"], 128)
     runs = [
         generate_tokens(
             TARGET,
@@ -222,7 +223,7 @@ def test_eos_stops_and_is_dropped():
     full = ar(PROMPTS[0], n=24)
     eos = full[5]
     first = full.index(eos)
-    for drafter in (None, ModelDrafter(DRAFTERS["int8"], 128)):
+    for drafter in (None, ModelStage(DRAFTERS["int8"], 128)):
         out, stats = generate_tokens(
             TARGET, PROMPTS[0], drafter=drafter, k=4, max_new_tokens=24, stop=StopChecker({eos}), max_len=128
         )
@@ -237,7 +238,7 @@ def test_stop_string_keeps_shortest_prefix():
     out, stats = generate_tokens(
         TARGET,
         PROMPTS[0],
-        drafter=ModelDrafter(DRAFTERS["same"], 128),
+        drafter=ModelStage(DRAFTERS["same"], 128),
         k=5,
         max_new_tokens=24,
         stop=StopChecker((), [target_str], decode),
@@ -249,11 +250,11 @@ def test_stop_string_keeps_shortest_prefix():
 
 def test_context_limit_is_a_clear_error():
     with pytest.raises(CascadeError, match="context limit"):
-        generate_tokens(TARGET, [1] * 60, drafter=ModelDrafter(TARGET, 64), k=4, max_new_tokens=10, max_len=64)
+        generate_tokens(TARGET, [1] * 60, drafter=ModelStage(TARGET, 64), k=4, max_new_tokens=10, max_len=64)
     with pytest.raises(CascadeError, match="empty"):
         generate_tokens(TARGET, [], max_new_tokens=10, max_len=64)
     with pytest.raises(CascadeError, match="k must be"):
-        generate_tokens(TARGET, [1], drafter=ModelDrafter(TARGET, 64), k=0, max_new_tokens=10, max_len=64)
+        generate_tokens(TARGET, [1], drafter=ModelStage(TARGET, 64), k=0, max_new_tokens=10, max_len=64)
 
 
 def test_bad_sampling_params():
@@ -263,13 +264,13 @@ def test_bad_sampling_params():
 
 
 def test_int8_draft_shares_the_target_prefill():
-    from speculative_cascade.decoding import ModelRunner
+    from speculative_cascade.stages.model import ModelRunner
 
     runner = ModelRunner(TARGET, 64)
     runner.forward([5, 6, 7, 8, 9])
-    same_shape = ModelDrafter(DRAFTERS["int8"], 64)
+    same_shape = ModelStage(DRAFTERS["int8"], 64)
     assert same_shape.share_prefix(runner, 5)
     torch.testing.assert_close(same_shape.runner.cache.k[:, :, :, :5], runner.cache.k[:, :, :, :5])
     assert same_shape.runner.length == 5
-    assert not ModelDrafter(DRAFTERS["random"], 64).share_prefix(runner, 5)  # one layer: not shareable
-    assert not ModelDrafter(DRAFTERS["hf-fallback"], 64).share_prefix(runner, 5)
+    assert not ModelStage(DRAFTERS["random"], 64).share_prefix(runner, 5)  # one layer: not shareable
+    assert not ModelStage(DRAFTERS["hf-fallback"], 64).share_prefix(runner, 5)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import ModelDrafter, ModelRunner, StopChecker, eos_ids, generate_tokens
+from ..decoding import StopChecker, eos_ids, generate_tokens
+from ..stages.model import ModelStage
 from ..errors import CascadeError
 
 
@@ -98,7 +99,7 @@ class Native(Method):
 
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
-        self.runner = ModelRunner(ctx.target, ctx.max_len)
+        self.target_stage = ModelStage(ctx.target, ctx.max_len, name="target")
         self.drafter = self.make_drafter()
 
     def make_drafter(self):
@@ -114,7 +115,7 @@ class Native(Method):
             max_new_tokens=max_new_tokens,
             stop=StopChecker(self.ctx.eos_ids()),
             max_len=self.ctx.max_len,
-            target_runner=self.runner,
+            target_stage=self.target_stage,
         )
         seconds = time.perf_counter() - t0
         return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
@@ -126,7 +127,7 @@ class TwoStage(Native):
     speculative = True
 
     def make_drafter(self):
-        return ModelDrafter(self.ctx.draft, self.ctx.max_len)
+        return ModelStage(self.ctx.draft, self.ctx.max_len, name="draft")
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage)}

@@ -58,6 +58,19 @@ class KVCache:
             assert 0 <= length <= self.seqlens[b], "truncate beyond the cached length"
             self.seqlens[b] = length
 
+    def compact(self, src: list[int], dst: int, row: int | None = None) -> None:
+        """Move the slots ``src`` (increasing) to ``dst, dst + 1, ...`` and keep ``dst + len(src)`` positions.
+
+        Used after tree verification: the accepted path's keys/values, scattered over the
+        tree's slots, become a contiguous prefix. One gather per buffer."""
+        rows = slice(None) if row is None else slice(row, row + 1)
+        idx = torch.tensor(src, dtype=torch.long, device=self.k.device)
+        n = len(src)
+        self.k[:, rows, :, dst : dst + n] = self.k[:, rows, :, idx]
+        self.v[:, rows, :, dst : dst + n] = self.v[:, rows, :, idx]
+        for b in range(self.batch_size) if row is None else [row]:
+            self.seqlens[b] = dst + n
+
     def room(self, row: int = 0) -> int:
         return self.max_seq_len - self.seqlens[row]
 

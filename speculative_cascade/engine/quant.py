@@ -35,13 +35,16 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: Linear) -> None:
+    def __init__(self, linear: nn.Module | None = None, *, w_int8=None, scales=None, bias=None) -> None:
+        """From a (fp32) linear layer, or from already quantized ``w_int8 (N, K)``, ``scales (N,)``."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w_int8, scales = quantize_weight(linear.weight.detach().to(torch.float32))
+        if linear is not None:
+            w_int8, scales = quantize_weight(linear.weight.detach().to(torch.float32))
+            bias = linear.bias
+        self.out_features, self.in_features = w_int8.shape
         self.register_buffer("w_int8", w_int8.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.bias = None if bias is None else bias.detach().to(torch.float32).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, K = x.shape[:-1], x.shape[-1]

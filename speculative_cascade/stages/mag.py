@@ -1,0 +1,148 @@
+"""MaG, the statistical drafter of Cascade Speculative Drafting (Chen et al., 2023).
+
+It costs a lookup, no model: the continuation of the longest suffix match of the
+sequence, searched in the prompt first and then in the generated text (as prompt
+lookup decoding does), and where nothing matches, a bigram table: the most frequent
+next token after the last one. The bigram table is built from token sequences (a text
+file, or the target's own generations) and saved as a ``.npz`` file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+from ..errors import CascadeError
+from .base import StageStats
+
+
+class BigramTable:
+    """``next[t]``: the most frequent token after token ``t`` (-1 where ``t`` was never seen)."""
+
+    def __init__(self, next_token: np.ndarray) -> None:
+        self.next = np.asarray(next_token, dtype=np.int64)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.next)
+
+    @classmethod
+    def from_sequences(cls, sequences, vocab_size: int) -> "BigramTable":
+        counts: dict[tuple[int, int], int] = {}
+        for seq in sequences:
+            for a, b in zip(seq[:-1], seq[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + 1
+        best = np.full(vocab_size, -1, dtype=np.int64)
+        best_n = np.zeros(vocab_size, dtype=np.int64)
+        for (a, b), n in counts.items():
+            if n > best_n[a] or (n == best_n[a] and b < best[a]):
+                best[a], best_n[a] = b, n
+        return cls(best)
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, next=self.next)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BigramTable":
+        try:
+            with np.load(path) as f:
+                return cls(f["next"])
+        except (OSError, KeyError, ValueError) as e:
+            raise CascadeError(f"{path}: not a bigram table ({e})") from e
+
+
+class MaG:
+    """Deterministic drafter: suffix match in the prompt, then in the generated text, then bigrams."""
+
+    deterministic = True
+
+    def __init__(
+        self,
+        vocab_size: int,
+        bigram: BigramTable | None = None,
+        *,
+        max_ngram: int = 4,
+        min_ngram: int = 1,
+        name: str = "mag",
+    ) -> None:
+        if bigram is not None and bigram.vocab_size != vocab_size:
+            raise CascadeError(
+                f"vocabulary mismatch: the bigram table has {bigram.vocab_size} tokens, the target {vocab_size}"
+            )
+        if not 1 <= min_ngram <= max_ngram:
+            raise CascadeError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size = vocab_size
+        self.bigram = bigram
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.name = name
+        self.stats = StageStats(name)
+        self.prompt_len: int | None = None
+
+    def reset(self) -> None:
+        self.prompt_len = None
+        self.stats = StageStats(self.name)
+
+    def commit(self, n_committed: int) -> None:
+        pass
+
+    def feedback(self, n_accepted: int) -> None:
+        self.stats.accepted += n_accepted
+
+    def _match(self, arr: np.ndarray, end: int, k: int) -> list[int]:
+        """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it.
+
+        Occurrences that start in the prompt win over those in the generated text; within
+        a region the latest one wins."""
+        n = len(arr)
+        for L in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
+            suffix = arr[n - L :]
+            windows = np.lib.stride_tricks.sliding_window_view(arr[: n - 1], L)  # match must leave a next token
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if len(hits) == 0:
+                continue
+            in_prompt = hits[hits + L <= end]
+            start = (in_prompt[-1] if len(in_prompt) else hits[-1]) + L
+            return arr[start : start + k].tolist()
+        return []
+
+    def propose(self, ids, k, params=None, generator=None):
+        t0 = time.perf_counter()
+        if self.prompt_len is None:
+            self.prompt_len = len(ids)
+        arr = np.asarray(ids, dtype=np.int64)
+        out: list[int] = []
+        while len(out) < k:
+            seq = np.concatenate([arr, np.asarray(out, dtype=np.int64)]) if out else arr
+            cont = self._match(seq, self.prompt_len, k - len(out))
+            if not cont and self.bigram is not None:
+                nxt = int(self.bigram.next[seq[-1]])
+                cont = [nxt] if nxt >= 0 else []
+            if not cont:
+                break
+            out.extend(cont)
+        st = self.stats
+        st.forwards += 1
+        st.proposed += len(out)
+        st.seconds += time.perf_counter() - t0
+        return out, None
+
+
+def bigram_from_generations(model, tokenizer, prompts: list[str], max_new_tokens: int, progress=None) -> BigramTable:
+    """A bigram table from the model's own greedy continuations of ``prompts`` (on-policy)."""
+    from ..decoding import StopChecker, eos_ids, generate_tokens
+
+    seqs = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        out, _ = generate_tokens(
+            model, ids, max_new_tokens=max_new_tokens, stop=StopChecker(eos_ids(model, tokenizer)), max_len=4096
+        )
+        seqs.append(ids + out)
+        if progress:
+            progress()
+    return BigramTable.from_sequences(seqs, model.vocab_size)
+
+

@@ -1,0 +1,204 @@
+"""A neural model as a cascade stage: the model, its static KV cache, and the cursor logic.
+
+The cache always holds keys/values of a prefix of *some* token sequence, remembered in
+``runner.seq``. A forward is asked for the logits of ``ids + extra``; the runner keeps the
+longest common prefix of what it holds and what it is asked, rolls its cursor back to it
+(O(1)) and feeds only the rest. Nested cascade levels can therefore roll back freely.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..sampling import sample, warp
+from .base import StageStats
+
+
+class ModelRunner:
+    """A model with its static KV cache, kept a prefix of the last sequence it was fed."""
+
+    def __init__(self, model, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(max_len)
+        self.device = model.device
+        self.seq: list[int] = []  # the tokens whose keys/values are in the cache
+
+    @property
+    def length(self) -> int:
+        return self.cache.seqlens[0]
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.seq = []
+
+    def _common_prefix(self, full: list[int]) -> int:
+        s = self.seq
+        m = len(s)
+        if m <= len(full) and full[:m] == s:
+            return m
+        n = 0
+        for a, b in zip(s, full):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def forward(self, ids: list[int], extra=(), last_only: bool = False) -> torch.Tensor:
+        """Logits for the tokens of ``ids + extra`` the cache does not hold: ``(T, V)`` (``(1, V)`` if last_only).
+
+        At least one token is always fed (the last one), so the caller can slice the
+        last ``len(extra) + 1`` rows."""
+        full = ids + list(extra) if extra else ids
+        n = min(self._common_prefix(full), len(full) - 1)
+        assert n >= 0, "nothing to feed"
+        if n < self.length:
+            self.cache.truncate(n)
+        tokens = torch.tensor([full[n:]], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, self.cache, last_only=last_only)[0]
+        self.seq = list(full)
+        return logits
+
+    def forward_tree(self, ids: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """Logits (N + 1, V) of ``ids[-1]`` and the N tree nodes after it.
+
+        ``parents[i]`` is the index of node i's parent (-1: the last committed token);
+        parents come before children. Committed tokens the cache lacks are fed in the
+        same forward, causally. Afterwards the cache holds ``ids`` plus the tree's slots
+        (call :meth:`keep_path`)."""
+        n = min(self._common_prefix(ids), len(ids) - 1)
+        if n < self.length:
+            self.cache.truncate(n)
+        m, N = len(ids) - n, len(tokens)  # m committed tokens to feed (the root last), N nodes
+        T = m + N
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        mask[:m, :m] = torch.tril(torch.ones(m, m, dtype=torch.bool))
+        mask[m:, :m] = True
+        depth = [0] * N
+        for i, p in enumerate(parents):
+            assert p < i, "parents must come before their children"
+            mask[m + i, m + i] = True
+            if p >= 0:
+                mask[m + i] |= mask[m + p]
+                depth[i] = depth[p] + 1
+            else:
+                depth[i] = 1
+        base = n
+        positions = list(range(base, base + m)) + [base + m - 1 + d for d in depth]
+        feed = torch.tensor([ids[n:] + tokens], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        logits = self.model(feed, self.cache, positions=pos, tree_mask=mask[None].to(self.device))[0]
+        self.seq = list(ids)  # the tree slots are not a sequence; keep_path makes them one
+        self._tree_base = len(ids)
+        return logits[m - 1 :]
+
+    def keep_path(self, ids: list[int], path: list[int], tokens: list[int]) -> None:
+        """After :meth:`forward_tree`: keep the nodes ``path`` (indices, root to leaf) as the continuation of ``ids``."""
+        base = self._tree_base
+        assert len(ids) == base, "keep_path must follow forward_tree on the same ids"
+        self.cache.compact([base + j for j in path], base)
+        self.seq = list(ids) + [tokens[j] for j in path]
+
+    def truncate(self, length: int) -> None:
+        if length < self.length:
+            self.cache.truncate(length)
+        del self.seq[length:]
+
+
+class ModelStage:
+    """A neural model (native or transformers) used as a drafter, a reviewer or the target."""
+
+    def __init__(self, model, max_len: int, name: str = "model") -> None:
+        self.runner = ModelRunner(model, max_len)
+        self.name = name
+        self.stats = StageStats(name)
+        self._last = 0
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model.vocab_size
+
+    def reset(self) -> None:
+        self.runner.reset()
+        self.stats = StageStats(self.name)
+
+    def _forward(self, ids, extra=(), last_only=False) -> torch.Tensor:
+        t0 = time.perf_counter()
+        before = self.runner.length
+        logits = self.runner.forward(ids, extra, last_only=last_only)
+        st = self.stats
+        st.forwards += 1
+        st.tokens_in += len(ids) + len(extra) - min(before, len(ids) + len(extra) - 1)
+        st.seconds += time.perf_counter() - t0
+        return logits
+
+    def score(self, ids: list[int], draft: list[int]) -> torch.Tensor:
+        """Logits (len(draft) + 1, V): the model's next-token scores after ids[-1] and after each draft token."""
+        return self._forward(ids, draft)[-(len(draft) + 1) :]
+
+    def score_tree(self, ids: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        before = self.runner.length
+        logits = self.runner.forward_tree(ids, tokens, parents)
+        self.stats.forwards += 1
+        self.stats.tokens_in += len(ids) - min(before, len(ids) - 1) + len(tokens)
+        self.stats.seconds += time.perf_counter() - t0
+        return logits
+
+    def keep_path(self, ids: list[int], path: list[int], tokens: list[int]) -> None:
+        self.runner.keep_path(ids, path, tokens)
+
+    def propose(self, ids, k, params, generator):
+        """Draft ``k`` tokens autoregressively (greedy or sampled from the warped distribution)."""
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        logits = self._forward(ids, last_only=True)[-1]
+        for i in range(k):
+            if params.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = warp(logits, params)
+                tok = sample(q, generator)
+                qs.append(q)
+            tokens.append(tok)
+            if i < k - 1:
+                logits = self._forward(ids, tokens, last_only=True)[-1]  # feeds just `tok`
+        self._last = len(tokens)
+        self.stats.proposed += len(tokens)
+        return tokens, (torch.stack(qs) if qs else None)
+
+    def feedback(self, n_accepted: int) -> None:
+        self.stats.accepted += n_accepted
+
+    def commit(self, n_committed: int) -> None:
+        self.runner.truncate(n_committed)
+
+    def share_prefix(self, target, n: int) -> bool:
+        """Start from the target's KV cache for the first ``n`` positions instead of a prefill.
+
+        Possible when the draft has the target's shape (an INT8 copy of it); the draft then
+        works on slightly better keys/values than its own, and the prompt is prefilled
+        once instead of twice. Verification by the target keeps the output lossless.
+        """
+        theirs_runner = getattr(target, "runner", target)
+        mine, theirs = self.runner.cache, theirs_runner.cache
+        if not (hasattr(mine, "k") and hasattr(theirs, "k")):
+            return False
+        if (
+            mine.k.shape[:3] != theirs.k.shape[:3]
+            or mine.k.shape[4] != theirs.k.shape[4]
+            or mine.k.dtype != theirs.k.dtype
+        ):
+            return False
+        if n > mine.max_seq_len or theirs.seqlens[0] < n:
+            return False
+        mine.k[:, :, :, :n] = theirs.k[:, :, :, :n]
+        mine.v[:, :, :, :n] = theirs.v[:, :, :, :n]
+        mine.seqlens = [n] * mine.batch_size
+        self.runner.seq = list(theirs_runner.seq[:n])
+        return True
