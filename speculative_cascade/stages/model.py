@@ -48,10 +48,10 @@ class ModelRunner:
     def forward(self, ids: list[int], extra=(), last_only: bool = False) -> torch.Tensor:
         """Logits for the tokens of ``ids + extra`` the cache does not hold: ``(T, V)`` (``(1, V)`` if last_only).
 
-        At least one token is always fed (the last one), so the caller can slice the
+        At least ``ids[-1]`` and ``extra`` are always fed, so the caller can slice the
         last ``len(extra) + 1`` rows."""
         full = ids + list(extra) if extra else ids
-        n = min(self._common_prefix(full), len(full) - 1)
+        n = min(self._common_prefix(full), len(ids) - 1)
         assert n >= 0, "nothing to feed"
         if n < self.length:
             self.cache.truncate(n)
@@ -167,7 +167,7 @@ class ModelStage:
                 qs.append(q)
             tokens.append(tok)
             if i < k - 1:
-                logits = self._forward(ids, tokens, last_only=True)[-1]  # feeds just `tok`
+                logits = self._forward(ids + tokens, last_only=True)[-1]  # feeds just `tok`
         self._last = len(tokens)
         self.stats.proposed += len(tokens)
         return tokens, (torch.stack(qs) if qs else None)
