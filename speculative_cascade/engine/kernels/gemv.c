@@ -130,24 +130,43 @@ static inline v16 load16_i8(const signed char *p) {
 }
 #endif
 
-static void block_i8(const float *x, const signed char *wr, const float *s, const float *b, float *y,
-                     int M, int N, int K, int n0) {
+/* R (1-3) rows of x against the RB-row int8 block: each widened weight vector feeds R
+ * multiply-adds, so up to three rows cost about what one does while memory is the bound. */
+static inline __attribute__((always_inline)) void i8_rows(const float *x, const signed char *wr, const float *s,
+                                                          const float *b, float *y, int m, int R, int N, int K,
+                                                          int n0) {
     int K16 = K & ~15;
-    for (int m = 0; m < M; m++) {
-        const float *x0 = x + (size_t)m * K;
-        v16 a[RB];
-        for (int j = 0; j < RB; j++) a[j] = (v16){0};
-        for (int k = 0; k < K16; k += 16) {
-            v16 xv0 = load16(x0 + k);
-            if (m == 0) prefetch_ahead(wr, (size_t)RB * K, PF_I8, (size_t)k * RB, RB * 16);
-            for (int j = 0; j < RB; j++) a[j] += xv0 * load16_i8(wr + (size_t)j * K + k);
-        }
+    v16 a[3][RB];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < RB; j++) a[r][j] = (v16){0};
+    for (int k = 0; k < K16; k += 16) {
+        v16 xv[3];
+        for (int r = 0; r < R; r++) xv[r] = load16(x + (size_t)(m + r) * K + k);
+        if (m == 0) prefetch_ahead(wr, (size_t)RB * K, PF_I8, (size_t)k * RB, RB * 16);
         for (int j = 0; j < RB; j++) {
-            float acc = hsum(a[j]);
-            for (int k = K16; k < K; k++) acc += x0[k] * (float)wr[(size_t)j * K + k];
-            y[(size_t)m * N + n0 + j] = acc * s[n0 + j] + (b ? b[n0 + j] : 0.f);
+            v16 wv = load16_i8(wr + (size_t)j * K + k);
+            for (int r = 0; r < R; r++) a[r][j] += xv[r] * wv;
         }
     }
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (size_t)(m + r) * K;
+        for (int j = 0; j < RB; j++) {
+            float acc = hsum(a[r][j]);
+            for (int k = K16; k < K; k++) acc += xr[k] * (float)wr[(size_t)j * K + k];
+            y[(size_t)(m + r) * N + n0 + j] = acc * s[n0 + j] + (b ? b[n0 + j] : 0.f);
+        }
+    }
+}
+
+static void block_i8(const float *x, const signed char *wr, const float *s, const float *b, float *y,
+                     int M, int N, int K, int n0) {
+    int m = 0;
+    while (M - m >= 3 && M - m != 4) {
+        i8_rows(x, wr, s, b, y, m, 3, N, K, n0);
+        m += 3;
+    }
+    for (; M - m >= 2; m += 2) i8_rows(x, wr, s, b, y, m, 2, N, K, n0);
+    if (m < M) i8_rows(x, wr, s, b, y, m, 1, N, K, n0);
 }
 
 void sc_linear_i8(const float *x, const signed char *w, const float *s, const float *b, float *y,
