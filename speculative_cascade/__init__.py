@@ -2,7 +2,10 @@
 
 Public API:
 
-* :class:`SpeculativeGenerator` and :func:`generate` - two-stage speculative decoding;
+* :class:`SpeculativeGenerator` and :func:`generate` - speculative decoding with an INT8
+  draft or any cascade (:class:`CascadeConfig`);
+* :class:`CascadeInference` (with ``speculative_cascade.models``) and ``speculative_cascade.csd.csd``
+  - the seed papers' APIs;
 * :func:`load_model`, :func:`quantize_int8` - the native decoder and its INT8 drafts;
 * :class:`SamplingParams`, :class:`GenerationStats`, :class:`CascadeError`.
 
@@ -15,6 +18,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SpeculativeGenerator": ".generator",
+    "CascadeInference": ".models",
+    "CascadeConfig": ".config",
     "generate": ".generator",
     "load_model": ".engine.loader",
     "quantize_int8": ".engine.quant",

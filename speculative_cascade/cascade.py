@@ -143,7 +143,9 @@ class Level:
         while len(out) < k:
             seq = ids + out
             # Draft one fewer than still needed: the review adds a recovered/bonus token.
-            draft, q = self.drafters.propose(seq, k - len(out) - 1, params, generator) if k - len(out) > 1 else ([], None)
+            draft, q = (
+                self.drafters.propose(seq, k - len(out) - 1, params, generator) if k - len(out) > 1 else ([], None)
+            )
             logits = self.stage.score(seq, draft)  # (len(draft) + 1, V)
             if params.greedy:
                 n, nxt = verify_greedy(draft, logits, self.lenience)
@@ -358,7 +360,11 @@ class TreeRound:
     def run(self, target, ids, budget, params, generator, stats) -> list[int]:
         if budget < 1:
             logits = target.score(ids, [])
-            nxt = int(logits[0].argmax()) if params.greedy else verify_sampling([], None, warp(logits, params), generator)[1]
+            nxt = (
+                int(logits[0].argmax())
+                if params.greedy
+                else verify_sampling([], None, warp(logits, params), generator)[1]
+            )
             stats.record(0, 0)
             return [nxt]
         t1 = time.perf_counter()

@@ -58,12 +58,82 @@ class _Streamer:
         self.printed = len(text)
 
 
+CASCADE_HELP = "Cascade file (TOML/YAML/JSON, see docs/cascade.md); overrides --draft."
+
+
+def _cascade_config(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, target, draft):
+    """The cascade the options describe, or None for a plain --draft (two-stage) run."""
+    from .config import CascadeConfig, default_cascade, parse_k, parse_k_matrix
+
+    over = {
+        "mode": mode,
+        "k": parse_k(k) if k is not None else None,
+        "k_matrix": parse_k_matrix(k_matrix) if k_matrix is not None else None,
+        "lenience": lenience,
+        "tree_nodes": tree_nodes,
+        "tree_width": tree_width,
+        "tree_keep": tree_keep,
+    }
+    over = {key: v for key, v in over.items() if v is not None}
+    if cascade is not None:
+        base = CascadeConfig.from_file(cascade).to_dict()
+    elif stages is not None:
+        base = {"stages": [x.strip() for x in stages.split(",") if x.strip()]}
+        if "k" not in over and "k_matrix" not in over:
+            over["k"] = (3,) * (len(base["stages"]) - 1) + (8,)
+    elif draft != "int8" or target != "default":
+        return None
+    else:
+        base = default_cascade().to_dict()
+    base.update(over)
+    if "k_matrix" in over:
+        base.pop("k", None)
+    return CascadeConfig.from_dict(base)
+
+
+def print_stage_table(stats: dict) -> None:
+    """The per-stage breakdown (the paper's throughput breakdown and conditional acceptances)."""
+    stages = stats.get("stages") or []
+    total = stats.get("total_s", 0.0) - stats.get("prefill_s", 0.0)
+    typer.echo(
+        f"{'stage':10s} {'forwards':>8s} {'tokens in':>9s} {'proposed':>8s} {'accepted':>8s} "
+        f"{'gamma':>13s} {'rate':>6s} {'time s':>7s} {'share':>6s}",
+        err=True,
+    )
+    for i, st in enumerate(stages):
+        up = i < len(stages) - 1
+        gamma = f"g_{{{i + 1}|{i}}}" if up else ""
+        rate = f"{st['acceptance_rate']:.1%}" if up and st["proposed"] else ""
+        share = f"{st['seconds'] / total:.0%}" if total > 0 else ""
+        typer.echo(
+            f"{st['name'][:10]:10s} {st['forwards']:8d} {st['tokens_in']:9d} {st['proposed']:8d} "
+            f"{st['accepted']:8d} {gamma:>13s} {rate:>6s} {st['seconds']:7.2f} {share:>6s}",
+            err=True,
+        )
+    other = total - sum(st["seconds"] for st in stages)
+    if total > 0:
+        typer.echo(
+            f"{'(other)':10s} {'':8s} {'':9s} {'':8s} {'':8s} {'':13s} {'':6s} {other:7.2f} {other / total:6.0%}",
+            err=True,
+        )
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help=DRAFT_HELP),
-    k: int = typer.Option(8, "--k", "-k", help="Draft tokens per round."),
+    cascade: Optional[Path] = typer.Option(None, "--cascade", "--config", "-c", help=CASCADE_HELP),
+    stages: Optional[str] = typer.Option(
+        None, "--stages", help="Drafting stages smallest first, e.g. 'mag,int8' or 'tiny,int8' (see docs)."
+    ),
+    mode: Optional[str] = typer.Option(None, "--mode", help="'chain' (vertical cascade) or 'tree' (Algorithm 1)."),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help="Draft tokens per review, one per stage: '8' or '2,8'."),
+    k_matrix: Optional[str] = typer.Option(None, "--k-matrix", help="CSD k_matrix, e.g. '6,3;0,2' (increments)."),
+    lenience: Optional[float] = typer.Option(None, help="CSD lenience below the target (greedy only; lossy never)."),
+    tree_nodes: Optional[int] = typer.Option(None, "--tree-nodes", help="Tree mode: nodes stage 0 drafts."),
+    tree_width: Optional[int] = typer.Option(None, "--tree-width", help="Tree mode: most nodes per level."),
+    tree_keep: Optional[int] = typer.Option(None, "--tree-keep", help="Tree mode: nodes the filter keeps."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy (output identical to the target's own)."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
@@ -74,13 +144,27 @@ def generate(
         None, "--chat/--no-chat", help="Wrap the prompt in the model's chat template (default: if it has one)."
     ),
     max_len: int = typer.Option(2048, "--max-len", help="KV-cache size in tokens."),
+    show_stats: bool = typer.Option(False, "--stats", help="Print the per-stage breakdown after the text."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
 ) -> None:
-    """Generate text, streaming it as it is accepted, then a one-line summary."""
+    """Generate text, streaming it as it is accepted, then a one-line summary.
+
+    With no cascade options the embedded model runs the fastest cascade measured for it."""
     from .generator import SpeculativeGenerator
 
     try:
-        gen = SpeculativeGenerator(target, _draft_arg(draft), K=k, max_len=max_len)
+        config = _cascade_config(
+            cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, target, draft
+        )
+        kk = 8
+        if config is None and k is not None:
+            from .config import parse_k
+
+            ks = parse_k(k)
+            if len(ks) != 1:
+                raise CascadeError("--k takes one value with --draft (several go with --stages)")
+            kk = ks[0]
+        gen = SpeculativeGenerator(target, _draft_arg(draft), K=kk, max_len=max_len, cascade=config)
         if chat is None:
             chat = bool(getattr(gen.tokenizer, "chat_template", None))
         streamer = None if as_json else _Streamer(gen.tokenizer)
@@ -100,17 +184,22 @@ def generate(
     stats = gen.get_stats()
     if as_json:
         text = gen.tokenizer.decode(ids, skip_special_tokens=True)
-        typer.echo(json.dumps({"text": text, "token_ids": ids, "stats": stats}))
+        cfg = gen.config.to_dict() if gen.config is not None else None
+        typer.echo(json.dumps({"text": text, "token_ids": ids, "cascade": cfg, "stats": stats}))
         return
     typer.echo("")
     line = f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s"
-    if gen.draft is not None:
+    if gen.speculative:
         line += f", acceptance {stats['acceptance_rate']:.1%}, {stats['mean_accepted_length']:.2f} tokens/round"
     line += f", stop: {stats['stop_reason']}"
     if streamer.first_token_s is not None:
         line += f", first token {streamer.first_token_s:.1f} s after start"
     line += "]"
     typer.echo(line, err=True)
+    if show_stats:
+        if gen.config is not None:
+            typer.echo(f"cascade: {gen.config.describe()}", err=True)
+        print_stage_table(stats)
 
 
 @app.command()
@@ -195,6 +284,83 @@ def bench(
         except OSError as e:
             _fail(f"cannot write {json_path}: {e.strerror}")
         typer.echo(f"report written to {json_path}", err=True)
+
+
+@app.command()
+def distill(
+    target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    teacher: str = typer.Option("target", help="Distil from 'target' or from its 'int8' draft."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts, one per line (default: the shipped list)."),
+    text: Optional[Path] = typer.Option(None, help="Train on this text instead of the teacher's generations."),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens", "-n", help="Tokens generated per prompt."),
+    epochs: int = typer.Option(12, min=1),
+    batch_size: int = typer.Option(1024, "--batch-size", min=1),
+    lr: float = typer.Option(3e-3, min=0.0),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("tiny.safetensors"), "--out", "-o", help="Tiny-model checkpoint to write."),
+    bigram_out: Optional[Path] = typer.Option(None, "--bigram-out", help="Also write MaG's bigram table here."),
+    work_dir: Path = typer.Option(Path("distill-work"), "--work-dir", help="Sequences and training checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --work-dir."),
+) -> None:
+    """Train the tiny projection model by distillation (and MaG's bigram table) for a target."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import distill as D
+    from .generator import SpeculativeGenerator
+    from .stages.mag import BigramTable
+    from .stages.tiny import TinyProjection
+
+    if teacher not in ("target", "int8"):
+        _fail(f"--teacher must be 'target' or 'int8', got {teacher!r}")
+    cfg = D.DistillConfig(max_new_tokens=max_new_tokens, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    bar = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        gen = SpeculativeGenerator(target, "int8")
+        seq_file = work_dir / "sequences.json"
+        with Progress(*bar, transient=False) as progress:
+            if resume and seq_file.is_file():
+                seqs = json.loads(seq_file.read_text())
+            elif text is not None:
+                seqs = D.text_sequences(gen.tokenizer, text)
+            else:
+                plist = D.read_prompts(prompts)
+                task = progress.add_task("teacher generations", total=len(plist))
+                seqs = D.generate_sequences(gen, plist, cfg.max_new_tokens, lambda: progress.advance(task))
+            seq_file.write_text(json.dumps(seqs))
+            train_seqs, hold_seqs = D.split(seqs, cfg.holdout, cfg.seed)
+            teacher_model = gen.target if teacher == "target" else gen.draft
+            task = progress.add_task("teacher soft labels", total=len(seqs))
+            data = D.soft_labels(teacher_model, train_seqs, lambda: progress.advance(task))
+            held = D.soft_labels(teacher_model, hold_seqs, lambda: progress.advance(task))
+            __import__("torch").manual_seed(cfg.seed)
+            tiny = TinyProjection(gen.target.tok_embeddings.weight)
+            steps = cfg.epochs * max(1, -(-len(data[0]) // cfg.batch_size))
+            task = progress.add_task("training", total=steps)
+
+            def step(epoch, loss):
+                progress.update(task, advance=1, description=f"training (epoch {epoch + 1}, loss {loss:.3f})")
+
+            result = D.train(tiny, data, cfg, checkpoint=work_dir / "train.pt", resume=resume, on_step=step)
+        fp32_agree = D.agreement(tiny, held[0], held[1])
+        tiny.quantize_head()
+        int8_agree = D.agreement(tiny, held[0], held[1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tiny.save(out, meta={"teacher": teacher, "positions": len(data[0]), "heldout_agreement": int8_agree})
+        table = BigramTable.from_sequences(train_seqs, gen.target.vocab_size)
+        bigram_agree = D.bigram_agreement(table, held[0], held[1])
+        if bigram_out is not None:
+            table.save(bigram_out)
+    except CascadeError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or ''}: {e.strerror}")
+    typer.echo(
+        f"trained on {len(data[0])} positions ({len(train_seqs)} sequences) in {result['seconds']:.0f} s; "
+        f"held-out greedy agreement with the teacher over {len(held[0])} positions: "
+        f"tiny {int8_agree:.1%} (fp32 head {fp32_agree:.1%}), bigram table {bigram_agree:.1%}"
+    )
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)" + (f" and {bigram_out}" if bigram_out else ""))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .cascade import ChainRound
 from .decoding import GenerationStats, StopChecker, eos_ids, generate_tokens
 from .stages.model import ModelStage
 from .engine.hf_fallback import HFCausalLM
@@ -63,6 +64,8 @@ class SpeculativeGenerator:
         tokenizer: defaults to the target's own.
         K: draft tokens per round.
         max_len: KV-cache size in tokens (prompt + new tokens + K + 1 must fit).
+        cascade: a :class:`~.config.CascadeConfig`, a dict of its settings, or the path of
+            a TOML/YAML file; replaces ``draft_model``/``K`` with an N-stage cascade.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class SpeculativeGenerator:
         max_len: int = 2048,
         device: str = "cpu",
         progress: bool = True,
+        cascade=None,
     ) -> None:
         if K < 1:
             raise CascadeError(f"K must be >= 1, got {K}")
@@ -88,6 +92,16 @@ class SpeculativeGenerator:
         if max_len < 2:
             raise CascadeError(f"max_len must be >= 2, got {max_len}")
         self.max_len = min(max_len, limit)
+        self.config = None
+        if cascade is not None:
+            from .config import CascadeConfig, build_round
+
+            if isinstance(cascade, dict):
+                cascade = CascadeConfig.from_dict(cascade)
+            elif not isinstance(cascade, CascadeConfig):
+                cascade = CascadeConfig.from_file(cascade)
+            self.config = cascade
+            draft_model = None
         if draft_model == INT8_SELF_DRAFT:
             if not isinstance(self.target, Transformer):
                 raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
@@ -111,7 +125,11 @@ class SpeculativeGenerator:
             self.draft.to(device)
         self.K = K
         self._target_stage = ModelStage(self.target, self.max_len, name="target")
-        self._drafter = ModelStage(self.draft, self.max_len, name="draft") if self.draft is not None else None
+        self._round = None
+        if self.config is not None:
+            self._round, _ = build_round(self.config, self.target, self.tokenizer, self.max_len, progress=progress)
+        elif self.draft is not None:
+            self._round = ChainRound(ModelStage(self.draft, self.max_len, name="draft"), K)
         self._stats = GenerationStats()
         self.last_token_ids: list[int] = []
 
@@ -151,12 +169,10 @@ class SpeculativeGenerator:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode(prompt, chat=chat)
         stopper = StopChecker(eos_ids(self.target, self.tokenizer), stop, lambda t: self.tokenizer.decode(t))
-        drafter = self._drafter if speculative else None
         out, self._stats = generate_tokens(
             self.target,
             ids,
-            drafter=drafter,
-            k=self.K,
+            round=self._round if speculative and self._round is not None else ChainRound(),
             max_new_tokens=max_new_tokens,
             params=params,
             stop=stopper,
@@ -172,8 +188,17 @@ class SpeculativeGenerator:
         out = self.generate_ids(prompt, max_new_tokens=max_new_tokens, **kwargs)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
+    def set_round(self, round) -> None:
+        """Use a prepared round (``cascade.ChainRound``/``TreeRound``; None: autoregressive)."""
+        self._round = round
+
+    @property
+    def speculative(self) -> bool:
+        return self._round is not None
+
     def get_stats(self) -> dict:
-        """Statistics of the last call: acceptance_rate, avg_tokens_per_round, tokens_per_s, ..."""
+        """Statistics of the last call: acceptance_rate, avg_tokens_per_round, tokens_per_s, ``stages``
+        (per stage, smallest first: forwards, proposed, accepted by the next stage, seconds), ..."""
         return self._stats.to_dict()
 
 

@@ -241,8 +241,14 @@ def sample_pairs(small, make_round, trials=5000):
     counts = np.zeros(SMALL_V * SMALL_V)
     rnd = make_round()
     for s in range(trials):
-        out, _ = run([1, 2, 3], n=2, target=small["target"], round=rnd, max_len=32,
-                     params=SamplingParams(temperature=1.0, seed=s))
+        out, _ = run(
+            [1, 2, 3],
+            n=2,
+            target=small["target"],
+            round=rnd,
+            max_len=32,
+            params=SamplingParams(temperature=1.0, seed=s),
+        )
         counts[out[0] * SMALL_V + out[1]] += 1
     return counts
 

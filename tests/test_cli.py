@@ -25,7 +25,7 @@ def test_generate_json_greedy_equals_plain(tiny_model_dir, tiny_draft_dir):
         assert r.exit_code == 0, r.output
     a, b, c = (json.loads(r.stdout) for r in (spec, plain, int8))
     assert a["token_ids"] == b["token_ids"] == c["token_ids"]
-    assert set(a) == {"text", "token_ids", "stats"}
+    assert set(a) == {"text", "token_ids", "cascade", "stats"}
     assert a["stats"]["rounds"] > 0 and 0 <= a["stats"]["acceptance_rate"] <= 1
 
 

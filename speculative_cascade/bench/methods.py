@@ -29,6 +29,8 @@ class BenchContext:
         self.target = loaded.model
         self.tokenizer = loaded.tokenizer
         self._draft = None
+        self.cascades: dict = {}  # method name -> CascadeConfig overriding the method's own
+        self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
 
     @property
     def draft(self):
@@ -37,7 +39,8 @@ class BenchContext:
             from ..engine.quant import quantize_int8
 
             if self.draft_spec in (None, INT8_SELF_DRAFT):
-                self._draft = quantize_int8(self.target)
+                self._draft = self.shared.get("int8") or quantize_int8(self.target)
+                self.shared["int8"] = self._draft
             else:
                 self._draft, _ = as_model(self.draft_spec)
             if self._draft.vocab_size != self.target.vocab_size:
@@ -130,4 +133,65 @@ class TwoStage(Native):
         return ModelStage(self.ctx.draft, self.ctx.max_len, name="draft")
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage)}
+class Cascade(Native):
+    """A cascade from :mod:`..config`; ``config`` is set by each subclass (the measured best of its kind)."""
+
+    speculative = True
+    config = None
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.method_config = ctx.cascades.get(self.name, self.config)
+        super().__init__(ctx)
+
+    def make_drafter(self):
+        from ..config import build_round
+
+        self.round, _ = build_round(
+            self.method_config, self.ctx.target, self.ctx.tokenizer, self.ctx.max_len, cache=self.ctx.shared
+        )
+        return None
+
+    def run(self, prompt_ids, max_new_tokens):
+        t0 = time.perf_counter()
+        out, stats = generate_tokens(
+            self.ctx.target,
+            prompt_ids,
+            round=self.round,
+            max_new_tokens=max_new_tokens,
+            stop=StopChecker(self.ctx.eos_ids()),
+            max_len=self.ctx.max_len,
+            target_stage=self.target_stage,
+        )
+        seconds = time.perf_counter() - t0
+        return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
+
+
+def _cascade(name: str, description: str, **settings) -> type[Cascade]:
+    from ..config import CascadeConfig
+
+    return type(
+        name.title(),
+        (Cascade,),
+        {"name": name, "description": description, "config": CascadeConfig.from_dict(settings)},
+    )
+
+
+MAG = _cascade("mag", "MaG (suffix match + bigram table) drafts for the target", stages=["mag"], k=[4])
+CHAIN = _cascade("chain", "3-stage vertical cascade: MaG -> INT8 draft -> target", stages=["mag", "int8"], k=[1, 8])
+TREE = _cascade(
+    "tree",
+    "Algorithm 1: tiny tree -> INT8 filter -> target",
+    stages=["tiny", "int8"],
+    mode="tree",
+    tree_nodes=16,
+    tree_width=4,
+    tree_keep=8,
+)
+CSD = _cascade(
+    "csd",
+    "CSD: INT8 draft (reviewing MaG) for the head, MaG for the tail",
+    stages=["mag", "int8"],
+    k_matrix=[[7, 2], [0, 1]],
+)
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage, MAG, CHAIN, TREE, CSD)}

@@ -117,6 +117,7 @@ def run_bench(
                 progress.advance(task)
     report = _report(rows, results, order, loaded, ctx, max_new_tokens, chat)
     _print_table(console, report, Table)
+    _print_stages(console, report, Table)
     return report
 
 
@@ -173,6 +174,7 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             m["acceptance_by_position"] = [a / d if d else 0.0 for a, d in zip(acc, dr)]
             m["time_draft_s"] = sum(s["draft_s"] for s in stats)
             m["time_verify_s"] = sum(s["verify_s"] for s in stats)
+            m["stages"] = _stage_totals(stats)
         if ref is not None:
             same = [r.token_ids == a.token_ids for r, a in zip(res, ref)]
             m["identical_to_ar"] = all(same)
@@ -196,6 +198,48 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             }
         )
     return out
+
+
+def _stage_totals(stats: list[dict]) -> list[dict]:
+    """Per-stage counters summed over prompts, smallest stage first, with conditional acceptance."""
+    totals: dict[str, dict] = {}
+    for s in stats:
+        for st in s.get("stages", []):
+            t = totals.setdefault(st["name"], {k: 0 for k in ("forwards", "tokens_in", "proposed", "accepted")})
+            t.setdefault("seconds", 0.0)
+            for key in ("forwards", "tokens_in", "proposed", "accepted", "seconds"):
+                t[key] += st[key]
+    decode = sum(s["total_s"] - s["prefill_s"] for s in stats)
+    out = []
+    for name, t in totals.items():
+        t = {"name": name, **t}
+        t["acceptance_rate"] = t["accepted"] / t["proposed"] if t["proposed"] else None
+        t["time_share"] = t["seconds"] / decode if decode else None
+        out.append(t)
+    return out
+
+
+def _print_stages(console, report, Table) -> None:
+    for name, m in report["methods"].items():
+        stages = m.get("stages") or []
+        if len(stages) < 3:
+            continue
+        t = Table(title=f"{name}: per-stage breakdown (gamma_{{i+1|i}}: stage i's proposals accepted by stage i+1)")
+        for col in ("stage", "forwards", "tokens in", "proposed", "gamma", "accepted", "time s", "share"):
+            t.add_column(col, justify="right")
+        for i, st in enumerate(stages):
+            up = i < len(stages) - 1
+            t.add_row(
+                st["name"],
+                str(st["forwards"]),
+                str(st["tokens_in"]),
+                str(st["proposed"]) if up else "-",
+                f"g_{{{i + 1}|{i}}} = {st['acceptance_rate']:.1%}" if up and st["acceptance_rate"] is not None else "-",
+                str(st["accepted"]) if up else "-",
+                f"{st['seconds']:.2f}",
+                f"{st['time_share']:.0%}" if st["time_share"] is not None else "-",
+            )
+        console.print(t)
 
 
 def _print_table(console, report, Table) -> None:

@@ -60,6 +60,15 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True, **_ignored):
+        """transformers-style call: ``{"input_ids": ...}`` (a (1, T) tensor with ``return_tensors="pt"``)."""
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        if return_tensors == "pt":
+            import torch
+
+            return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:  # as transformers' clean_up_tokenization

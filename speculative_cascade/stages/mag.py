@@ -144,5 +144,3 @@ def bigram_from_generations(model, tokenizer, prompts: list[str], max_new_tokens
         if progress:
             progress()
     return BigramTable.from_sequences(seqs, model.vocab_size)
-
-

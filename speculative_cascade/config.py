@@ -1,0 +1,239 @@
+"""Cascade configuration: a typed dataclass, read from options, a dict, or a TOML/YAML file,
+and turned into stages and a round.
+
+Stages are listed smallest first and exclude the target::
+
+    [cascade]
+    stages = ["mag", "int8"]   # stage 0 drafts for stage 1 (the INT8 draft), which drafts for the target
+    mode = "chain"             # "chain" (vertical cascade) or "tree" (the seed paper's Algorithm 1)
+    k = [2, 8]                 # chain: tokens stage i drafts per review by stage i + 1
+    # k_matrix = [[6, 3], [0, 2]]   # instead of k: CSD's matrix (drafters largest first, increments)
+    lenience = 1.0             # CSD's lenience below the target (greedy only; never at the target)
+    tree_nodes = 32            # tree: nodes stage 0 drafts, at most tree_width per level;
+    tree_width = 4             #       the filter stage keeps tree_keep of them for the target
+    tree_keep = 8
+
+A stage is ``int8`` (an INT8 copy of the target), ``tiny`` (the tiny projection model
+shipped for the embedded target, or ``tiny:PATH``), ``mag`` (MaG with the shipped bigram
+table for the embedded target, or ``mag:PATH``), or any model spec (a .gguf file, a model
+directory, a hub id) used as a neural draft.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import CascadeError
+
+DATA = Path(__file__).parent / "data"
+SHIPPED_TINY = DATA / "tiny-smollm2-135m-instruct.safetensors"
+SHIPPED_BIGRAM = DATA / "bigram-smollm2-135m-instruct.npz"
+MODES = ("chain", "tree")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    stages: tuple[str, ...] = ("int8",)
+    mode: str = "chain"
+    k: tuple[int, ...] = (8,)
+    k_matrix: tuple[tuple[int, ...], ...] | None = None
+    lenience: float = 1.0
+    tree_nodes: int = 32
+    tree_width: int = 4
+    tree_keep: int = 8
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise CascadeError("the cascade needs at least one drafting stage")
+        if self.mode not in MODES:
+            raise CascadeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.lenience < 1.0:
+            raise CascadeError(f"lenience must be >= 1, got {self.lenience}")
+        if self.mode == "tree":
+            if len(self.stages) > 2:
+                raise CascadeError("tree mode takes one or two stages: the proposer, then the filter")
+            for name in ("tree_nodes", "tree_width", "tree_keep"):
+                if getattr(self, name) < 1:
+                    raise CascadeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        elif self.k_matrix is None:
+            if len(self.k) != len(self.stages):
+                raise CascadeError(f"k needs one value per stage ({len(self.stages)}), got {list(self.k)}")
+            if any(k < 1 for k in self.k):
+                raise CascadeError(f"every k must be >= 1, got {list(self.k)}")
+
+    @property
+    def depth(self) -> int:
+        """Number of models including the target."""
+        return len(self.stages) + 1
+
+    def chain_matrix(self) -> list[list[int]]:
+        """The k_matrix (CSD convention: drafters largest first) of this configuration."""
+        if self.k_matrix is not None:
+            return [list(r) for r in self.k_matrix]
+        n = len(self.stages)
+        return [[self.k[n - 1 - i] if j == i else 0 for j in range(n)] for i in range(n)]
+
+    def describe(self) -> str:
+        chain = " -> ".join(list(self.stages) + ["target"])
+        if self.mode == "tree":
+            return f"tree {chain} (nodes {self.tree_nodes}, width {self.tree_width}, keep {self.tree_keep})"
+        if self.k_matrix is not None:
+            return f"csd {chain} (k_matrix {json.dumps([list(r) for r in self.k_matrix])}, lenience {self.lenience:g})"
+        return f"chain {chain} (k {', '.join(map(str, self.k))})"
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d["stages"], d["k"] = list(self.stages), list(self.k)
+        d["k_matrix"] = [list(r) for r in self.k_matrix] if self.k_matrix is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CascadeConfig":
+        d = dict(d.get("cascade", d))
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = set(d) - known
+        if unknown:
+            raise CascadeError(f"unknown cascade setting(s): {', '.join(sorted(unknown))}")
+        try:
+            if "stages" in d:
+                st = d["stages"]
+                d["stages"] = tuple(s.strip() for s in (st.split(",") if isinstance(st, str) else st))
+            if "k" in d:
+                d["k"] = tuple(int(x) for x in (d["k"] if isinstance(d["k"], (list, tuple)) else [d["k"]]))
+            if d.get("k_matrix") is not None:
+                d["k_matrix"] = tuple(tuple(int(x) for x in row) for row in d["k_matrix"])
+            for name in ("tree_nodes", "tree_width", "tree_keep"):
+                if name in d:
+                    d[name] = int(d[name])
+            if "lenience" in d:
+                d["lenience"] = float(d["lenience"])
+        except (TypeError, ValueError) as e:
+            raise CascadeError(f"bad cascade setting: {e}") from e
+        if "stages" in d and "k" not in d and d.get("k_matrix") is None and d.get("mode", "chain") == "chain":
+            d["k"] = (3,) * (len(d["stages"]) - 1) + (8,)
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "CascadeConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CascadeError(f"cascade file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import tomllib
+
+                data = tomllib.loads(text)
+        except Exception as e:  # each parser has its own error type
+            raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
+        if not isinstance(data, dict):
+            raise CascadeError(f"{path}: expected a table of cascade settings")
+        return cls.from_dict(data)
+
+    def with_(self, **kw) -> "CascadeConfig":
+        return replace(self, **kw)
+
+
+def parse_k(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise CascadeError(f"k must be integers separated by commas, got {text!r}") from None
+
+
+def parse_k_matrix(text: str) -> tuple[tuple[int, ...], ...]:
+    """'6,3;0,2' or '[[6,3],[0,2]]' -> ((6, 3), (0, 2))."""
+    text = text.strip()
+    try:
+        rows = json.loads(text) if text.startswith("[") else [r.split(",") for r in text.split(";")]
+        return tuple(tuple(int(x) for x in row) for row in rows)
+    except (ValueError, TypeError):
+        raise CascadeError(f"k_matrix must look like '6,3;0,2' or '[[6,3],[0,2]]', got {text!r}") from None
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def make_stage(spec: str, target, tokenizer, max_len: int, *, progress: bool = True, cache: dict | None = None):
+    """One drafting stage from its spec (see the module docstring)."""
+    from .stages.mag import BigramTable, MaG
+    from .stages.model import ModelStage
+    from .stages.tiny import TinyProjection, TinyStage
+
+    cache = cache if cache is not None else {}
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "int8":
+        from .engine.model import Transformer
+        from .engine.quant import quantize_int8
+
+        if not isinstance(target, Transformer):
+            raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
+        if "int8" not in cache:
+            cache["int8"] = quantize_int8(target)
+        return ModelStage(cache["int8"], max_len, name="int8")
+    if kind == "tiny":
+        emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
+        if emb is None:
+            raise CascadeError("the tiny model needs a native target (it uses the target's token embeddings)")
+        path = Path(arg) if arg else SHIPPED_TINY
+        if not arg and not path.is_file():
+            raise CascadeError("no tiny model is shipped for this target; train one with 'cascade distill'")
+        return TinyStage(TinyProjection.load(path, emb), name="tiny")
+    if kind == "mag":
+        bigram = None
+        if arg:
+            bigram = BigramTable.load(arg)
+        elif SHIPPED_BIGRAM.is_file():
+            shipped = BigramTable.load(SHIPPED_BIGRAM)
+            if shipped.vocab_size == target.vocab_size and _is_default_target(target):
+                bigram = shipped
+        return MaG(target.vocab_size, bigram, name="mag")
+    from .generator import as_model
+    from .stages.model import ModelStage
+
+    model, _ = as_model(spec, progress=progress)
+    if model.vocab_size != target.vocab_size:
+        raise CascadeError(f"vocabulary mismatch: {spec} has {model.vocab_size} tokens, the target {target.vocab_size}")
+    return ModelStage(model, max_len, name=Path(spec).name or spec)
+
+
+def _is_default_target(target) -> bool:
+    from .stages.tiny import embedding_fingerprint
+
+    emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
+    if emb is None or not SHIPPED_TINY.is_file():
+        return emb is not None and tuple(emb.shape) == (49152, 576)
+    from safetensors import safe_open
+
+    with safe_open(str(SHIPPED_TINY), "pt") as f:
+        fp = json.loads(f.metadata()["tiny"])["embedding_fingerprint"]
+    return all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(embedding_fingerprint(emb), fp))
+
+
+def build_round(config: CascadeConfig, target, tokenizer, max_len: int, *, progress: bool = True, cache=None):
+    """(round, stages smallest first) for ``config`` on ``target``; ``cache`` shares models (the INT8 copy)."""
+    from .cascade import ChainRound, TreeRound, build_csd
+
+    cache = {} if cache is None else cache
+    stages = [make_stage(s, target, tokenizer, max_len, progress=progress, cache=cache) for s in config.stages]
+    if config.mode == "tree":
+        proposer, filt = stages[0], (stages[1] if len(stages) > 1 else None)
+        rnd = TreeRound(proposer, filt, n_nodes=config.tree_nodes, width=config.tree_width, keep=config.tree_keep)
+        return rnd, stages
+    drafter, k = build_csd(list(reversed(stages)), config.chain_matrix(), lenience=config.lenience)
+    return ChainRound(drafter, k), stages
+
+
+def default_cascade() -> CascadeConfig:
+    """The fastest configuration measured for the embedded target on a 2-core CPU (README)."""
+    return CascadeConfig(stages=("int8",), k=(8,))

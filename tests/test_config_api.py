@@ -1,0 +1,266 @@
+"""Cascade configuration files, the CLI's cascade options, distillation, and the seeds' APIs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_native
+from speculative_cascade.cli import app
+from speculative_cascade.config import CascadeConfig
+from speculative_cascade.errors import CascadeError
+from speculative_cascade.stages.mag import BigramTable, MaG
+from speculative_cascade.stages.tiny import TinyProjection
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, needle):
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "suffix,text",
+    [
+        (".toml", '[cascade]\nstages = ["mag", "int8"]\nmode = "chain"\nk = [2, 5]\n'),
+        (".yaml", "stages: [mag, int8]\nmode: chain\nk: [2, 5]\n"),
+        (".json", '{"cascade": {"stages": ["mag", "int8"], "k": [2, 5]}}'),
+    ],
+)
+def test_config_files(tmp_path, suffix, text):
+    p = tmp_path / f"c{suffix}"
+    p.write_text(text)
+    c = CascadeConfig.from_file(p)
+    assert c.stages == ("mag", "int8") and c.k == (2, 5) and c.mode == "chain"
+    assert c.chain_matrix() == [[5, 0], [0, 2]]  # CSD convention: largest drafter first
+    assert CascadeConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "settings,needle",
+    [
+        ({"stages": []}, "at least one"),
+        ({"stages": ["int8"], "mode": "beam"}, "mode must be"),
+        ({"stages": ["mag", "int8"], "k": [2]}, "one value per stage"),
+        ({"stages": ["int8"], "k": [0]}, "every k"),
+        ({"stages": ["int8"], "colour": "red"}, "unknown cascade setting"),
+        ({"stages": ["tiny", "int8"], "mode": "tree", "tree_keep": 0}, "tree_keep"),
+        ({"stages": ["a", "b", "c"], "mode": "tree"}, "one or two stages"),
+        ({"stages": ["int8"], "lenience": 0.5}, "lenience"),
+        ({"stages": ["int8"], "k": ["x"]}, "bad cascade setting"),
+    ],
+)
+def test_bad_configs(settings, needle):
+    with pytest.raises(CascadeError, match=needle):
+        CascadeConfig.from_dict(settings)
+
+
+def test_unparsable_and_missing_files(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text("stages = [")
+    with pytest.raises(CascadeError, match="cannot parse"):
+        CascadeConfig.from_file(bad)
+    with pytest.raises(CascadeError, match="not found"):
+        CascadeConfig.from_file(tmp_path / "nope.toml")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_model_dir):
+    """A (random) tiny projection model for the tiny target directory."""
+    from speculative_cascade.engine.loader import load_model
+
+    target = load_model(str(tiny_model_dir), progress=False).model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    TinyProjection(target.tok_embeddings.weight).save(path)
+    return path
+
+
+def test_cli_cascades_equal_plain_decoding(tiny_model_dir, tiny_ckpt, tmp_path):
+    base = ["generate", "the quick brown fox", "-t", tiny_model_dir, "-n", 20, "--no-chat", "--json"]
+    plain = json.loads(invoke(*base, "-d", "none").stdout)["token_ids"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cascade]\nstages = ["mag", "int8"]\nk_matrix = [[3, 2], [0, 2]]\n')
+    variants = [
+        ["--stages", "mag,int8", "-k", "2,4"],
+        ["--stages", f"tiny:{tiny_ckpt},int8", "-k", "3,5"],
+        ["--stages", f"tiny:{tiny_ckpt},int8", "--mode", "tree", "--tree-nodes", 8, "--tree-keep", 4],
+        ["--stages", "mag,int8", "--k-matrix", "4,2;0,3", "--lenience", 2],
+        ["--cascade", cfg],
+    ]
+    for v in variants:
+        r = invoke(*base, *v)
+        assert r.exit_code == 0, (v, r.output)
+        out = json.loads(r.stdout)
+        assert out["token_ids"] == plain, v
+        assert [s["name"] for s in out["stats"]["stages"]][-1] == "target"
+
+
+def test_cli_stats_breakdown(tiny_model_dir):
+    r = invoke(
+        "generate",
+        "hello world",
+        "-t",
+        tiny_model_dir,
+        "-n",
+        16,
+        "--no-chat",
+        "--stages",
+        "mag,int8",
+        "-k",
+        "2,4",
+        "--stats",
+    )
+    assert r.exit_code == 0, r.output
+    assert "cascade: chain mag -> int8 -> target" in r.stderr
+    assert "g_{1|0}" in r.stderr and "g_{2|1}" in r.stderr and "(other)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--stages", "mag,int8", "-k", "2"], "one value per stage"),
+        (["--stages", "int8", "--k-matrix", "x;y"], "k_matrix must look like"),
+        (["--stages", "mag,int8", "--k-matrix", "1,2"], "2 x 2"),
+        (["--stages", "int8", "--mode", "tree"], "cannot draft a tree"),
+        (["--stages", "mag,int8", "--lenience", 2, "--temperature", 1], "lenience"),
+        (["--stages", "tiny:/nonexistent.safetensors,int8"], "not found"),
+        (["--cascade", "/nonexistent.toml"], "not found"),
+        (["--stages", "int8", "--tree-width", 0, "--mode", "tree"], "tree_width"),
+    ],
+)
+def test_cli_cascade_mistakes_are_one_line(tiny_model_dir, args, needle):
+    r = invoke("generate", "hi", "-t", tiny_model_dir, "-n", 4, "--no-chat", *args)
+    one_line_error(r, needle)
+
+
+def test_tiny_checkpoint_checks_its_target(tiny_ckpt, tiny_draft_dir, tmp_path):
+    from speculative_cascade.engine.loader import load_model
+
+    other = load_model(str(tiny_draft_dir), progress=False).model
+    with pytest.raises(CascadeError, match="another target"):
+        TinyProjection.load(tiny_ckpt, other.tok_embeddings.weight)
+    with pytest.raises(CascadeError, match="vocabulary mismatch"):
+        TinyProjection.load(tiny_ckpt, torch.zeros(100, 64))
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(CascadeError, match="not a tiny-model checkpoint"):
+        TinyProjection.load(corrupt, other.tok_embeddings.weight)
+
+
+def test_tiny_checkpoint_round_trip(tmp_path):
+    target = tiny_native(seed=0)
+    torch.manual_seed(0)
+    m = TinyProjection(target.tok_embeddings.weight)
+    x = torch.arange(0, 50)
+    ref = m(x)
+    m.save(tmp_path / "fp32.safetensors", int8=False)
+    m.save(tmp_path / "int8.safetensors", int8=True)
+    torch.testing.assert_close(TinyProjection.load(tmp_path / "fp32.safetensors", target.tok_embeddings.weight)(x), ref)
+    q = TinyProjection.load(tmp_path / "int8.safetensors", target.tok_embeddings.weight)(x)
+    assert (q.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_mag_prefers_the_prompt_then_generated_text_then_bigrams(tmp_path):
+    table = BigramTable.from_sequences([[7, 8, 7, 8, 7, 9]], 20)
+    assert table.next[7] == 8 and table.next[8] == 7 and table.next[3] == -1
+    table.save(tmp_path / "b.npz")
+    assert np.array_equal(BigramTable.load(tmp_path / "b.npz").next, table.next)
+    mag = MaG(20, table)
+    prompt = [1, 2, 3, 4, 5, 1, 2]
+    toks, q = mag.propose(prompt, 3)
+    assert q is None and toks[:3] == [3, 4, 5]  # suffix [1, 2] found in the prompt
+    toks, _ = MaG(20, table).propose([7], 3)  # nothing to match: bigrams
+    assert toks == [8, 7, 8]
+    assert MaG(20, None).propose([7], 3)[0] == []
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(CascadeError, match="not a bigram table"):
+        BigramTable.load(tmp_path / "bad.npz")
+
+
+def test_distill_cli_trains_a_tiny_model(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the quick brown fox\nhello world\nspeculative decoding\n")
+    out = tmp_path / "tiny.safetensors"
+    args = [
+        "distill",
+        "-t",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "-n",
+        24,
+        "--epochs",
+        2,
+        "--out",
+        out,
+        "--bigram-out",
+        tmp_path / "b.npz",
+        "--work-dir",
+        tmp_path / "w",
+        "--batch-size",
+        16,
+    ]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and (tmp_path / "b.npz").is_file() and (tmp_path / "w" / "train.pt").is_file()
+    assert "held-out greedy agreement" in r.stdout
+    r = invoke(*args, "--resume", "--epochs", 3)
+    assert r.exit_code == 0, r.output
+    r = invoke("distill", "-t", tiny_model_dir, "--prompts", tmp_path / "none.txt", "--work-dir", tmp_path / "w2")
+    one_line_error(r, "not found")
+
+
+def test_distillation_raises_agreement():
+    """Training must move the tiny model toward the teacher (a broken loss would not)."""
+    from speculative_cascade import distill as D
+
+    teacher = tiny_native(seed=0)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(2, 300, 40).tolist() for _ in range(30)]
+    data = D.soft_labels(teacher, seqs)
+    torch.manual_seed(0)
+    tiny = TinyProjection(teacher.tok_embeddings.weight)
+    before = D.agreement(tiny, data[0], data[1])
+    D.train(tiny, data, D.DistillConfig(epochs=30, batch_size=256, lr=1e-2))
+    after = D.agreement(tiny, data[0], data[1])
+    assert after > before + 0.15, (before, after)  # a context-free model cannot follow every context
+
+
+def test_seed_apis(tiny_model_dir, tiny_ckpt):
+    from speculative_cascade import CascadeInference
+    from speculative_cascade.csd import csd, get_mag_model
+    from speculative_cascade.models import DraftModel, TargetModel, TinyModel
+
+    target = TargetModel.from_pretrained(str(tiny_model_dir), progress=False)
+    draft = DraftModel.from_pretrained(str(tiny_model_dir), quantize_int8=True, progress=False)
+    tiny = TinyModel.from_pretrained(str(tiny_ckpt))
+    plain = CascadeInference(target_model=target).generate("the quick brown fox", max_tokens=16)
+    for mode in ("chain", "tree"):
+        cascade = CascadeInference(
+            tiny_model=tiny, draft_model=draft, target_model=target, speculation_horizon=4, mode=mode
+        )
+        assert cascade.generate("the quick brown fox", max_tokens=16) == plain
+        names = [s["name"] for s in cascade.get_stats()["stages"]]
+        assert names == ["tiny", "draft", "target"]
+    ids = target.tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
+    ref = CascadeInference(target_model=target)._gen.generate_ids(ids[0].tolist(), max_new_tokens=12)
+    res = csd(
+        [draft.model, get_mag_model(None, target.model.vocab_size)],
+        target.model,
+        ids,
+        ids,
+        k_matrix=[[3, 2], [0, 2]],
+        max_length=12,
+    )
+    assert res.shape[0] == 1 and res[0, ids.shape[1] :].tolist() == ref
+    with pytest.raises(CascadeError, match="vocabulary mismatch"):
+        CascadeInference(draft_model=DraftModel(tiny_native(seed=2, vocab=100)), target_model=target)
