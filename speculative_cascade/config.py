@@ -13,7 +13,8 @@ Stages are listed smallest first and exclude the target::
     tree_width = 4             #       the filter stage keeps tree_keep of them for the target
     tree_keep = 8
 
-A stage is ``int8`` (an INT8 copy of the target), ``tiny`` (the tiny projection model
+A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
+with scale and min, INT8 output projection), ``tiny`` (the tiny projection model
 shipped for the embedded target, or ``tiny:PATH``), ``mag`` (MaG with the shipped bigram
 table for the embedded target, or ``mag:PATH``), or any model spec (a .gguf file, a model
 directory, a hub id) used as a neural draft.
@@ -172,15 +173,15 @@ def make_stage(spec: str, target, tokenizer, max_len: int, *, progress: bool = T
     cache = cache if cache is not None else {}
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
-    if kind == "int8":
+    if kind in ("int8", "int4"):
         from .engine.model import Transformer
-        from .engine.quant import quantize_int8
+        from .engine.quant import quantize_int4, quantize_int8
 
         if not isinstance(target, Transformer):
-            raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
-        if "int8" not in cache:
-            cache["int8"] = quantize_int8(target)
-        return ModelStage(cache["int8"], max_len, name="int8")
+            raise CascadeError(f"the {kind.upper()} self-draft needs a native target (Llama, Mistral or Qwen2 family)")
+        if kind not in cache:
+            cache[kind] = (quantize_int8 if kind == "int8" else quantize_int4)(target)
+        return ModelStage(cache[kind], max_len, name=kind)
     if kind == "tiny":
         emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
         if emb is None:

@@ -144,7 +144,7 @@ def train(
             loss_t.backward()
             opt.step()
             sched.step()
-            loss = float(loss_t)
+            loss = float(loss_t.detach())
             if on_step:
                 on_step(epoch, loss)
         if checkpoint is not None:

@@ -10,7 +10,7 @@ from conftest import tiny_native
 from speculative_cascade import verify as verify_mod
 from speculative_cascade.cascade import ChainRound, Horizontal, Level, TreeRound, build_csd
 from speculative_cascade.decoding import StopChecker, generate_tokens
-from speculative_cascade.engine.quant import quantize_int8
+from speculative_cascade.engine.quant import quantize_int4, quantize_int8
 from speculative_cascade.errors import CascadeError
 from speculative_cascade.sampling import SamplingParams
 from speculative_cascade.stages.mag import MaG, BigramTable
@@ -41,6 +41,7 @@ def stages():
         "tiny": tiny_stage(),
         "random": ModelStage(tiny_native(seed=11, layers=1), 128, name="random"),
         "int8": ModelStage(quantize_int8(TARGET), 128, name="int8"),
+        "int4": ModelStage(quantize_int4(TARGET), 128, name="int4"),
         "same": ModelStage(TARGET, 128, name="same"),
     }
 
@@ -62,6 +63,8 @@ CHAINS = [
     ["random", "mag"],
     ["same", "random"],
     ["int8", "random", "tiny"],  # depth 4: tiny -> random -> int8 -> target
+    ["int4", "mag"],
+    ["int8", "int4", "tiny"],
     ["same", "int8", "random", "mag"],  # depth 5
 ]
 
@@ -160,7 +163,7 @@ def test_tree_with_the_target_as_filter_accepts_whole_paths():
 def test_random_cascades_property(prompt, depth, data, n):
     """Random k_matrix cascades over random drafters, and random tree shapes: always exact."""
     s = stages()
-    pool = ["mag", "tiny", "random", "int8"]
+    pool = ["mag", "tiny", "random", "int4", "int8"]
     names = data.draw(st.lists(st.sampled_from(pool), min_size=depth, max_size=depth, unique=True))
     names.sort(key=pool.index, reverse=True)  # largest first; MaG can only be the last
     km = [[data.draw(st.integers(0, 4)) if j >= i else 0 for j in range(depth)] for i in range(depth)]

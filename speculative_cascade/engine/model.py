@@ -351,9 +351,12 @@ class Transformer(nn.Module):
                 elif hasattr(lin, "w_int8") and lin.w_int8.numel() and lin.w_int8.is_contiguous():
                     flags.add(1)
                     ps += [ptr(lin.w_int8), ptr(lin.scales), ptr(lin.bias)]
+                elif hasattr(lin, "w_q4") and lin.w_q4.is_contiguous():
+                    flags.add(2)
+                    ps += [ptr(lin.w_q4), ptr(lin.scale_min), ptr(lin.bias)]
                 else:
                     return None
-                if lin.weight.device.type != "cpu" if isinstance(lin, Linear) else lin.w_int8.device.type != "cpu":
+                if next(iter(lin.buffers()), getattr(lin, "weight", None)).device.type != "cpu":
                     return None
             layers.append((ptr(blk.attention_norm.weight), ptr(blk.ffn_norm.weight), ps))
         if len(flags) != 1:

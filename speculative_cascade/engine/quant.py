@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import linear_int8_kernel
+from .kernels import linear_int8_kernel, linear_q4_kernel
 from .model import Linear, Transformer
 
 
@@ -63,6 +63,81 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+GROUP = 32  # 4-bit weights: one (scale, min) pair per 32 consecutive inputs, as GGML's Q4_1
+
+
+def quantize_weight_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w (N, K)`` -> ``(packed (N, K / 2) uint8, scale_min (N, K / 32, 2))``, asymmetric 4-bit groups.
+
+    ``w ~= d * q + mn`` with ``q`` in 0..15, ``d = (max - min) / 15`` and ``mn = min`` per group.
+    A weight that was itself dequantized from Q4_1 (the embedded GGUF) is reproduced exactly
+    wherever its block used both q = 0 and q = 15."""
+    N, K = w.shape
+    g = w.float().view(N, K // GROUP, GROUP)
+    mn = g.amin(-1)
+    d = (g.amax(-1) - mn) / 15.0
+    q = torch.where(d[..., None] > 0, torch.round((g - mn[..., None]) / d[..., None].clamp(min=1e-30)), 0.0)
+    q = q.clamp(0, 15).to(torch.uint8)  # (N, G, 32)
+    packed = q[..., :16] | (q[..., 16:] << 4)  # byte j: element j (low nibble), element j + 16 (high)
+    return packed.reshape(N, K // 2).contiguous(), torch.stack([d, mn], -1).contiguous()
+
+
+def dequantize_q4(packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+    N, half = packed.shape
+    b = packed.view(N, -1, 16)
+    q = torch.cat([b & 15, b >> 4], -1).float()  # (N, G, 32)
+    return (q * scale_min[..., :1] + scale_min[..., 1:]).reshape(N, half * 2)
+
+
+class Int4Linear(nn.Module):
+    """4-bit weight-only linear layer (groups of 32 along the input, scale and min per group)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        w_q4, scale_min = quantize_weight_q4(linear.weight.detach())
+        self.register_buffer("w_q4", w_q4)
+        self.register_buffer("scale_min", scale_min)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        M, N = x2.shape[0], self.out_features
+        kernel = linear_q4_kernel() if M <= 32 and x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernel is not None:
+            x2 = x2.contiguous()
+            y = torch.empty(M, N)
+            b = self.bias.data_ptr() if self.bias is not None else None
+            if kernel(x2.data_ptr(), self.w_q4.data_ptr(), self.scale_min.data_ptr(), b, y.data_ptr(), M, N, K):
+                raise MemoryError("out of memory in the 4-bit kernel")
+            return y.view(*lead, N)
+        return F.linear(x, dequantize_q4(self.w_q4, self.scale_min).to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 4-bit groups of {GROUP}"
+
+
+def quantize_int4(model: Transformer) -> Transformer:
+    """A 4-bit copy of a native model (decoder layers; the output projection stays INT8).
+
+    Draft only, like :func:`quantize_int8`. Layers whose shapes do not fit 4-bit groups
+    (input not a multiple of 32, output not a multiple of 8) fall back to INT8."""
+    if not isinstance(model, Transformer):
+        raise ValueError("4-bit quantization needs a native model (Llama, Mistral or Qwen2 family)")
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    q = copy.deepcopy(model, memo)
+    for parent in list(q.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                fits = child.in_features % GROUP == 0 and child.out_features % 8 == 0 and parent is not q
+                setattr(parent, name, Int4Linear(child) if fits else Int8Linear(child))
+    q._rope_cache = None
+    q._fused = None
+    q.quantized = "int4"
+    return q
 
 
 def quantize_int8(model: Transformer) -> Transformer:

@@ -61,6 +61,8 @@ def _build() -> ctypes.CDLL | None:
     lib.sc_linear_f32.restype = None
     lib.sc_linear_i8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
     lib.sc_linear_i8.restype = None
+    lib.sc_linear_q4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
+    lib.sc_linear_q4.restype = ctypes.c_int
     lib.sc_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.sc_rmsnorm.restype = None
     lib.sc_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
@@ -107,6 +109,12 @@ def linear_int8_kernel():
     """``sc_linear_i8(x, w8, scales, b, y, M, N, K)``, or None when unavailable or disabled."""
     lib = _load()
     return None if lib is None else lib.sc_linear_i8
+
+
+def linear_q4_kernel():
+    """``sc_linear_q4(x, w4, scale_min, b, y, M, N, K) -> status``, or None when unavailable or disabled."""
+    lib = _load()
+    return None if lib is None else lib.sc_linear_q4
 
 
 def elementwise_kernels():

@@ -185,6 +185,98 @@ void sc_linear_i8(const float *x, const signed char *w, const float *s, const fl
 /* Small fused element-wise steps of a decoder layer; each replaces several PyTorch ops
  * whose per-call overhead dominates at one token. */
 
+/* y[m, n] = sum_g sum_{k in g} x[m, k] * (d[n, g] * q[n, k] + mn[n, g]) (+ b[n]): 4-bit weights in
+ * groups of 32 along K, asymmetric (the layout of GGML's Q4_1): byte j of a group holds element j in
+ * its low nibble and element j + 16 in its high nibble; sm[n, g] = (d, mn). The min term is
+ * sum_g mn[n, g] * (sum of x over the group), computed once per row and group. */
+#if defined(__AVX512F__)
+static inline void load32_q4(const unsigned char *p, v16 *lo, v16 *hi) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512 l = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    __m512 h = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    memcpy(lo, &l, sizeof l);
+    memcpy(hi, &h, sizeof h);
+}
+#elif defined(__AVX2__)
+static inline void load32_q4(const unsigned char *p, v16 *lo, v16 *hi) {
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    __m256i m = _mm256_set1_epi32(15);
+    __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), l1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
+    __m256 h0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+    memcpy(lo, &l0, 32);
+    memcpy((char *)lo + 32, &l1, 32);
+    memcpy(hi, &h0, 32);
+    memcpy((char *)hi + 32, &h1, 32);
+}
+#else
+static inline void load32_q4(const unsigned char *p, v16 *lo, v16 *hi) {
+    for (int i = 0; i < 16; i++) {
+        (*lo)[i] = (float)(p[i] & 15);
+        (*hi)[i] = (float)(p[i] >> 4);
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) void q4_rows(const float *x, const float *xs, const unsigned char *wr,
+                                                          const float *sm, const float *b, float *y, int m, int R,
+                                                          int N, int K, int n0) {
+    int G = K / 32;
+    v16 a[3][RB];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < RB; j++) a[r][j] = (v16){0};
+    for (int g = 0; g < G; g++) {
+        v16 xl[3], xh[3];
+        for (int r = 0; r < R; r++) {
+            xl[r] = load16(x + (size_t)(m + r) * K + 32 * g);
+            xh[r] = load16(x + (size_t)(m + r) * K + 32 * g + 16);
+        }
+        if (m == 0) prefetch_ahead(wr, (size_t)RB * K / 2, PF_I8, (size_t)g * 16 * RB, RB * 16);
+        for (int j = 0; j < RB; j++) {
+            v16 lo, hi;
+            load32_q4(wr + (size_t)j * K / 2 + 16 * g, &lo, &hi);
+            float d = sm[((size_t)(n0 + j) * G + g) * 2];
+            for (int r = 0; r < R; r++) a[r][j] += d * (xl[r] * lo + xh[r] * hi);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < RB; j++) {
+            const float *smj = sm + (size_t)(n0 + j) * G * 2, *xsr = xs + (size_t)(m + r) * G;
+            float acc = hsum(a[r][j]);
+            for (int g = 0; g < G; g++) acc += smj[2 * g + 1] * xsr[g];
+            y[(size_t)(m + r) * N + n0 + j] = acc + (b ? b[n0 + j] : 0.f);
+        }
+}
+
+static void block_q4(const float *x, const float *xs, const unsigned char *wr, const float *sm, const float *b,
+                     float *y, int M, int N, int K, int n0) {
+    int m = 0;
+    while (M - m >= 3 && M - m != 4) {
+        q4_rows(x, xs, wr, sm, b, y, m, 3, N, K, n0);
+        m += 3;
+    }
+    for (; M - m >= 2; m += 2) q4_rows(x, xs, wr, sm, b, y, m, 2, N, K, n0);
+    if (m < M) q4_rows(x, xs, wr, sm, b, y, m, 1, N, K, n0);
+}
+
+/* K must be a multiple of 32 and N of RB (the Python side checks). Returns 1 on allocation failure. */
+int sc_linear_q4(const float *x, const unsigned char *w, const float *sm, const float *b, float *y, int M, int N,
+                 int K) {
+    int G = K / 32;
+    float *xs = (float *)malloc((size_t)M * G * sizeof(float));
+    if (!xs) return 1;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            float t = 0.f;
+            for (int i = 0; i < 32; i++) t += x[(size_t)m * K + 32 * g + i];
+            xs[(size_t)m * G + g] = t;
+        }
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += RB) block_q4(x, xs, w + (size_t)n0 * K / 2, sm, b, y, M, N, K, n0);
+    free(xs);
+    return 0;
+}
+
 /* y (M, K) = x / sqrt(mean(x^2) + eps) * w */
 void sc_rmsnorm(const float *x, const float *w, float *y, int M, int K, float eps) {
     for (int m = 0; m < M; m++) {
@@ -279,12 +371,15 @@ void sc_attention(const float *qkv, const float *rot, float *kc, float *vc, floa
 
 /* A whole decoder layer for T new tokens of one row, in one call:
  *   x_out = x + Wo attn(RoPE(Wqkv rmsnorm(x)));  x_out += W2 (silu(Wg h) * Wu h), h = rmsnorm(x_out)
- * Weights are fp32 (int8 == 0; scales unused) or INT8 with per-row scales (int8 == 1).
+ * Weights are fp32 (int8 == 0; scales unused), INT8 with per-row scales (int8 == 1) or 4-bit
+ * groups with (scale, min) pairs (int8 == 2).
  * At one token per call, PyTorch's per-op overhead (~25 ops a layer) costs more than
  * the arithmetic outside the matrix products; this removes it. */
 static void lin(int int8, const float *x, const void *w, const float *s, const float *b, float *y,
                 int M, int N, int K) {
-    if (int8)
+    if (int8 == 2)
+        sc_linear_q4(x, (const unsigned char *)w, s, b, y, M, N, K);
+    else if (int8)
         sc_linear_i8(x, (const signed char *)w, s, b, y, M, N, K);
     else
         sc_linear_f32(x, (const float *)w, b, y, M, N, K);
