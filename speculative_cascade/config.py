@@ -16,8 +16,9 @@ Stages are listed smallest first and exclude the target::
 A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
 with scale and min, INT8 output projection), ``tiny`` (the tiny projection model
 shipped for the embedded target, or ``tiny:PATH``), ``mag`` (MaG with the shipped bigram
-table for the embedded target, or ``mag:PATH``), or any model spec (a .gguf file, a model
-directory, a hub id) used as a neural draft.
+table for the embedded target, ``mag:PATH`` with another, ``mag:none`` with suffix matches
+only; ``mag_min_ngram`` sets the shortest match it proposes), or any model spec (a .gguf
+file, a model directory, a hub id) used as a neural draft.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class CascadeConfig:
     tree_nodes: int = 32
     tree_width: int = 4
     tree_keep: int = 8
+    mag_min_ngram: int = 1  # MaG proposes only suffix matches at least this long (then bigrams)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -53,10 +55,12 @@ class CascadeConfig:
             raise CascadeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.lenience < 1.0:
             raise CascadeError(f"lenience must be >= 1, got {self.lenience}")
+        if not 1 <= self.mag_min_ngram <= 8:
+            raise CascadeError(f"mag_min_ngram must be in 1..8, got {self.mag_min_ngram}")
         if self.mode == "tree":
             if len(self.stages) > 2:
                 raise CascadeError("tree mode takes one or two stages: the proposer, then the filter")
-            for name in ("tree_nodes", "tree_width", "tree_keep"):
+            for name in ("tree_nodes", "tree_width", "tree_keep", "mag_min_ngram"):
                 if getattr(self, name) < 1:
                     raise CascadeError(f"{name} must be >= 1, got {getattr(self, name)}")
         elif self.k_matrix is None:
@@ -106,7 +110,7 @@ class CascadeConfig:
                 d["k"] = tuple(int(x) for x in (d["k"] if isinstance(d["k"], (list, tuple)) else [d["k"]]))
             if d.get("k_matrix") is not None:
                 d["k_matrix"] = tuple(tuple(int(x) for x in row) for row in d["k_matrix"])
-            for name in ("tree_nodes", "tree_width", "tree_keep"):
+            for name in ("tree_nodes", "tree_width", "tree_keep", "mag_min_ngram"):
                 if name in d:
                     d[name] = int(d[name])
             if "lenience" in d:
@@ -164,7 +168,9 @@ def parse_k_matrix(text: str) -> tuple[tuple[int, ...], ...]:
 # -- building -----------------------------------------------------------------------------------
 
 
-def make_stage(spec: str, target, tokenizer, max_len: int, *, progress: bool = True, cache: dict | None = None):
+def make_stage(
+    spec: str, target, tokenizer, max_len: int, *, progress: bool = True, cache: dict | None = None, mag_min_ngram=1
+):
     """One drafting stage from its spec (see the module docstring)."""
     from .stages.mag import BigramTable, MaG
     from .stages.model import ModelStage
@@ -192,13 +198,15 @@ def make_stage(spec: str, target, tokenizer, max_len: int, *, progress: bool = T
         return TinyStage(TinyProjection.load(path, emb), name="tiny")
     if kind == "mag":
         bigram = None
-        if arg:
+        if arg.lower() == "none":
+            bigram = None
+        elif arg:
             bigram = BigramTable.load(arg)
         elif SHIPPED_BIGRAM.is_file():
             shipped = BigramTable.load(SHIPPED_BIGRAM)
             if shipped.vocab_size == target.vocab_size and _is_default_target(target):
                 bigram = shipped
-        return MaG(target.vocab_size, bigram, name="mag")
+        return MaG(target.vocab_size, bigram, min_ngram=mag_min_ngram, max_ngram=max(4, mag_min_ngram), name="mag")
     from .generator import as_model
     from .stages.model import ModelStage
 
@@ -226,7 +234,10 @@ def build_round(config: CascadeConfig, target, tokenizer, max_len: int, *, progr
     from .cascade import ChainRound, TreeRound, build_csd
 
     cache = {} if cache is None else cache
-    stages = [make_stage(s, target, tokenizer, max_len, progress=progress, cache=cache) for s in config.stages]
+    stages = [
+        make_stage(s, target, tokenizer, max_len, progress=progress, cache=cache, mag_min_ngram=config.mag_min_ngram)
+        for s in config.stages
+    ]
     if config.mode == "tree":
         proposer, filt = stages[0], (stages[1] if len(stages) > 1 else None)
         rnd = TreeRound(proposer, filt, n_nodes=config.tree_nodes, width=config.tree_width, keep=config.tree_keep)
@@ -236,5 +247,7 @@ def build_round(config: CascadeConfig, target, tokenizer, max_len: int, *, progr
 
 
 def default_cascade() -> CascadeConfig:
-    """The fastest configuration measured for the embedded target on a 2-core CPU (README)."""
-    return CascadeConfig(stages=("int8",), k=(8,))
+    """The fastest configuration measured for the embedded target on a 2-core CPU (docs/cascade.md):
+    MaG proposes up to 3 tokens when the text repeats a 2-gram or longer, the INT8 draft
+    verifies them and drafts 8 tokens per round, the target verifies those."""
+    return CascadeConfig(stages=("mag:none", "int8"), k=(3, 8), mag_min_ngram=2)

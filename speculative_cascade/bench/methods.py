@@ -176,11 +176,18 @@ def _cascade(name: str, description: str, **settings) -> type[Cascade]:
     )
 
 
-MAG = _cascade("mag", "MaG (suffix match + bigram table) drafts for the target", stages=["mag"], k=[4])
-CHAIN = _cascade("chain", "3-stage vertical cascade: MaG -> INT8 draft -> target", stages=["mag", "int8"], k=[1, 8])
+MAG = _cascade("mag", "MaG (suffix match, then bigram table) drafts for the target", stages=["mag"], k=[4])
+SPEC4 = _cascade("spec4", "two-stage with the 4-bit copy of the target as draft (k=12)", stages=["int4"], k=[12])
+CHAIN = _cascade(
+    "chain",
+    "3-stage vertical cascade: MaG (2-gram+ matches) -> INT8 draft -> target (the default)",
+    stages=["mag:none", "int8"],
+    k=[3, 8],
+    mag_min_ngram=2,
+)
 TREE = _cascade(
     "tree",
-    "Algorithm 1: tiny tree -> INT8 filter -> target",
+    "Algorithm 1: tiny model's tree (16 nodes) -> INT8 filter (keeps 8) -> target",
     stages=["tiny", "int8"],
     mode="tree",
     tree_nodes=16,
@@ -189,9 +196,9 @@ TREE = _cascade(
 )
 CSD = _cascade(
     "csd",
-    "CSD: INT8 draft (reviewing MaG) for the head, MaG for the tail",
+    "CSD: INT8 draft (reviewing MaG) drafts 7 tokens, MaG 2 more; k_matrix [[7,2],[0,1]]",
     stages=["mag", "int8"],
     k_matrix=[[7, 2], [0, 1]],
 )
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage, MAG, CHAIN, TREE, CSD)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD)}
