@@ -38,3 +38,42 @@ def test_speculative_greedy_equals_autoregressive(smol, prompt):
     plain = smol.generate_ids(prompt, max_new_tokens=48, chat=True, speculative=False)
     assert spec == plain
     assert stats["acceptance_rate"] > 0.6  # the INT8 copy agrees closely with the target
+
+
+@pytest.mark.parametrize(
+    "cascade",
+    [
+        None,  # the default cascade: MaG -> INT8 -> target
+        {"stages": ["tiny", "int8"], "mode": "tree", "tree_nodes": 16, "tree_width": 4, "tree_keep": 8},
+        {"stages": ["mag", "int8"], "k_matrix": [[7, 2], [0, 1]]},
+        {"stages": ["int4"], "k": [12]},
+    ],
+)
+def test_cascades_greedy_equal_autoregressive(smol, cascade):
+    from speculative_cascade import SpeculativeGenerator
+    from speculative_cascade.config import default_cascade
+
+    gen = SpeculativeGenerator(
+        smol.target, tokenizer=smol.tokenizer, max_len=1024, cascade=cascade or default_cascade()
+    )
+    prompt = "Explain why the sky is blue in two sentences."
+    out = gen.generate_ids(prompt, max_new_tokens=48, chat=True)
+    assert out == smol.generate_ids(prompt, max_new_tokens=48, chat=True, speculative=False)
+    names = [s["name"] for s in gen.get_stats()["stages"]]
+    assert names[-1] == "target" and len(names) == len(gen.config.stages) + 1
+
+
+def test_shipped_tiny_model_and_bigram_table_fit_the_embedded_target(smol):
+    import torch
+
+    from speculative_cascade.config import SHIPPED_BIGRAM, SHIPPED_TINY
+    from speculative_cascade.stages.mag import BigramTable
+    from speculative_cascade.stages.tiny import TinyProjection
+
+    assert SHIPPED_TINY.stat().st_size <= 25e6
+    tiny = TinyProjection.load(SHIPPED_TINY, smol.target.tok_embeddings.weight)
+    assert tiny.info["heldout_agreement"] > 0.15
+    table = BigramTable.load(SHIPPED_BIGRAM)
+    assert table.vocab_size == smol.target.vocab_size
+    ids = smol.tokenizer.encode(" the United")
+    assert int(tiny(torch.tensor(ids[-1:])).argmax()) == smol.tokenizer.encode(" States")[0]
