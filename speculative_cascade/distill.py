@@ -129,9 +129,12 @@ def train(
     g = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = max(1, math.ceil(len(x) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    for _ in range(start * steps_per_epoch):
-        sched.step()
+    done = start * steps_per_epoch  # steps taken before a resume
+
+    def cosine(s: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(s + done, total) / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     t0 = time.perf_counter()
     loss = float("nan")
     model.train()

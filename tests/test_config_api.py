@@ -84,7 +84,7 @@ def tiny_ckpt(tmp_path_factory, tiny_model_dir):
     return path
 
 
-def test_cli_cascades_equal_plain_decoding(tiny_model_dir, tiny_ckpt, tmp_path):
+def test_cli_cascades_equal_plain_decoding(tiny_model_dir, tiny_draft_dir, tiny_ckpt, tmp_path):
     base = ["generate", "the quick brown fox", "-t", tiny_model_dir, "-n", 20, "--no-chat", "--json"]
     plain = json.loads(invoke(*base, "-d", "none").stdout)["token_ids"]
     cfg = tmp_path / "c.toml"
@@ -95,6 +95,7 @@ def test_cli_cascades_equal_plain_decoding(tiny_model_dir, tiny_ckpt, tmp_path):
         ["--stages", f"tiny:{tiny_ckpt},int8", "--mode", "tree", "--tree-nodes", 8, "--tree-keep", 4],
         ["--stages", "mag,int8", "--k-matrix", "4,2;0,3", "--lenience", 2],
         ["--cascade", cfg],
+        ["--stages", f"mag,{tiny_draft_dir},int8", "-k", "2,3,4"],  # any model directory as a stage
     ]
     for v in variants:
         r = invoke(*base, *v)
