@@ -252,6 +252,7 @@ def bench(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help="Draft for 'spec' (as in generate)."),
     k: int = typer.Option(8, "--k", "-k", help="Draft tokens per round for 'spec'."),
+    cascade: Optional[Path] = typer.Option(None, "--cascade", help="Also bench this cascade file as 'custom'."),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the methods and exit."),
@@ -274,6 +275,7 @@ def bench(
             draft=_draft_arg(draft),
             k=k,
             chat=chat,
+            cascade=cascade,
         )
     except CascadeError as e:
         _fail(str(e))

@@ -265,3 +265,37 @@ def test_seed_apis(tiny_model_dir, tiny_ckpt):
     assert res.shape[0] == 1 and res[0, ids.shape[1] :].tolist() == ref
     with pytest.raises(CascadeError, match="vocabulary mismatch"):
         CascadeInference(draft_model=DraftModel(tiny_native(seed=2, vocab=100)), target_model=target)
+
+
+def test_bench_cascade_methods(tmp_path, tiny_model_dir, tiny_ckpt):
+    prompts = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([("a", "the fox"), ("b", "x")])]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tmp_path / "tree.toml"
+    cfg.write_text(f'stages = ["tiny:{tiny_ckpt}", "int8"]\nmode = "tree"\ntree_nodes = 8\ntree_keep = 4\n')
+    out = tmp_path / "r.json"
+    r = invoke(
+        "bench",
+        "--prompts",
+        prompts,
+        "-n",
+        12,
+        "--methods",
+        "ar,mag,chain,csd,spec4",
+        "-t",
+        tiny_model_dir,
+        "--no-chat",
+        "--cascade",
+        cfg,
+        "--json",
+        out,
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    for m in ("mag", "chain", "csd", "spec4", "custom"):
+        assert rep["methods"][m]["identical_to_ar"] is True, m
+    assert [s["name"] for s in rep["methods"]["chain"]["stages"]] == ["mag", "int8", "target"]
+    assert rep["config"]["cascades"]["custom"].startswith("tree")
+    assert "per-stage breakdown" in r.stderr
+    bad = invoke("bench", "--prompts", prompts, "--methods", "custom", "-t", tiny_model_dir)
+    one_line_error(bad, "needs --cascade")

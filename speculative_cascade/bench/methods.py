@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decoding import StopChecker, eos_ids, generate_tokens
+from ..cascade import ChainRound
 from ..stages.model import ModelStage
 from ..errors import CascadeError
 
@@ -95,7 +96,7 @@ class HFGenerate(Method):
 
 
 class Native(Method):
-    """Native decoder: autoregressive (no drafter) or with a drafter."""
+    """Native decoder driven by a round (``cascade.ChainRound`` / ``TreeRound``); plain: autoregressive."""
 
     name = "ar"
     description = "native decoder, autoregressive"
@@ -103,53 +104,10 @@ class Native(Method):
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
         self.target_stage = ModelStage(ctx.target, ctx.max_len, name="target")
-        self.drafter = self.make_drafter()
+        self.round = self.make_round()
 
-    def make_drafter(self):
-        return None
-
-    def run(self, prompt_ids, max_new_tokens):
-        t0 = time.perf_counter()
-        out, stats = generate_tokens(
-            self.ctx.target,
-            prompt_ids,
-            drafter=self.drafter,
-            k=self.ctx.k,
-            max_new_tokens=max_new_tokens,
-            stop=StopChecker(self.ctx.eos_ids()),
-            max_len=self.ctx.max_len,
-            target_stage=self.target_stage,
-        )
-        seconds = time.perf_counter() - t0
-        return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
-
-
-class TwoStage(Native):
-    name = "spec"
-    description = "two-stage speculative decoding (draft: INT8 copy of the target by default)"
-    speculative = True
-
-    def make_drafter(self):
-        return ModelStage(self.ctx.draft, self.ctx.max_len, name="draft")
-
-
-class Cascade(Native):
-    """A cascade from :mod:`..config`; ``config`` is set by each subclass (the measured best of its kind)."""
-
-    speculative = True
-    config = None
-
-    def __init__(self, ctx: BenchContext) -> None:
-        self.method_config = ctx.cascades.get(self.name, self.config)
-        super().__init__(ctx)
-
-    def make_drafter(self):
-        from ..config import build_round
-
-        self.round, _ = build_round(
-            self.method_config, self.ctx.target, self.ctx.tokenizer, self.ctx.max_len, cache=self.ctx.shared
-        )
-        return None
+    def make_round(self):
+        return ChainRound()
 
     def run(self, prompt_ids, max_new_tokens):
         t0 = time.perf_counter()
@@ -164,6 +122,34 @@ class Cascade(Native):
         )
         seconds = time.perf_counter() - t0
         return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
+
+
+class TwoStage(Native):
+    name = "spec"
+    description = "two-stage speculative decoding (draft: INT8 copy of the target by default, k from --k)"
+    speculative = True
+
+    def make_round(self):
+        return ChainRound(ModelStage(self.ctx.draft, self.ctx.max_len, name="draft"), self.ctx.k)
+
+
+class Cascade(Native):
+    """A cascade from :mod:`..config`; ``config`` is set by each subclass (the measured best of its kind)."""
+
+    speculative = True
+    config = None
+
+    def make_round(self):
+        from ..config import build_round
+
+        config = self.ctx.cascades.get(self.name, self.config)
+        rnd, _ = build_round(config, self.ctx.target, self.ctx.tokenizer, self.ctx.max_len, cache=self.ctx.shared)
+        return rnd
+
+
+class Custom(Cascade):
+    name = "custom"
+    description = "the cascade given with --cascade FILE"
 
 
 def _cascade(name: str, description: str, **settings) -> type[Cascade]:
@@ -201,4 +187,6 @@ CSD = _cascade(
     k_matrix=[[7, 2], [0, 1]],
 )
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom)
+}

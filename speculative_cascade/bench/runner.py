@@ -66,6 +66,7 @@ def run_bench(
     chat: bool = True,
     max_len: int = 4096,
     quiet: bool = False,
+    cascade=None,
 ) -> dict:
     from rich.console import Console
     from rich.progress import Progress
@@ -73,6 +74,14 @@ def run_bench(
 
     from ..engine.loader import load_model
 
+    if cascade is not None:
+        from ..config import CascadeConfig
+
+        cascade = CascadeConfig.from_file(cascade)
+        if "custom" not in methods:
+            methods = list(methods) + ["custom"]
+    elif "custom" in methods:
+        raise CascadeError("method 'custom' needs --cascade FILE")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise CascadeError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
@@ -86,6 +95,8 @@ def run_bench(
     tok = loaded.tokenizer
     max_len = min(max_len, getattr(loaded.model, "max_position_embeddings", max_len))
     ctx = BenchContext(loaded, draft, k, max_len)
+    if cascade is not None:
+        ctx.cascades["custom"] = cascade
 
     def encode(text: str) -> list[int]:
         if chat and getattr(tok, "chat_template", None):
@@ -128,6 +139,8 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             "target": loaded.name,
             "draft": ctx.draft_spec or "none",
             "k": ctx.k,
+            "cascades": {n: METHODS[n].config.describe() for n in order if getattr(METHODS[n], "config", None)}
+            | ({"custom": ctx.cascades["custom"].describe()} if "custom" in ctx.cascades else {}),
             "max_new_tokens": max_new_tokens,
             "chat_template": chat,
             "prompts": len(rows),
