@@ -16,7 +16,7 @@ from speculative_cascade.sampling import SamplingParams
 from speculative_cascade.stages.mag import MaG, BigramTable
 from speculative_cascade.stages.model import ModelStage
 from speculative_cascade.stages.tiny import TinyProjection, TinyStage
-from test_speculative import ALPHA, chi2_pvalue
+from test_speculative import ALPHA, chi2_pvalue, exact_joint
 
 TARGET = tiny_native(seed=0)
 V = TARGET.vocab_size
@@ -215,16 +215,6 @@ def test_runner_rolls_back_to_the_common_prefix():
 
 
 # -- sampling ------------------------------------------------------------------------------
-
-
-def exact_joint(target, prompt, vocab):
-    with torch.no_grad():
-        p1 = torch.softmax(target(torch.tensor([prompt]), target.new_cache(8))[0, -1], -1)
-        joint = torch.zeros(vocab, vocab)
-        for t1 in range(vocab):
-            p2 = torch.softmax(target(torch.tensor([prompt + [t1]]), target.new_cache(8))[0, -1], -1)
-            joint[t1] = p1[t1] * p2
-    return joint.flatten().numpy()
 
 
 SMALL_V = 12

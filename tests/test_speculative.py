@@ -153,6 +153,17 @@ def test_broken_residual_is_detected(monkeypatch):
     assert chi2_pvalue(counts, p[0].numpy()) < ALPHA
 
 
+def exact_joint(target, prompt, vocab):
+    """The target's exact law of the next two tokens: P(t1, t2) = p(t1 | prompt) p(t2 | prompt, t1)."""
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]), target.new_cache(8))[0, -1], -1)
+        joint = torch.zeros(vocab, vocab)
+        for t1 in range(vocab):
+            p2 = torch.softmax(target(torch.tensor([prompt + [t1]]), target.new_cache(8))[0, -1], -1)
+            joint[t1] = p1[t1] * p2
+    return joint.flatten().numpy()
+
+
 def test_end_to_end_sampling_matches_target_joint():
     """Two sampled tokens from real (tiny) models: their joint law is the target's."""
     V = 12
@@ -160,13 +171,6 @@ def test_end_to_end_sampling_matches_target_joint():
     draft = tiny_native(seed=31, vocab=V, layers=1)
     prompt = [1, 2, 3]
     params = SamplingParams(temperature=1.0)
-    # exact target joint P(t1, t2) = p(t1 | prompt) p(t2 | prompt, t1)
-    with torch.no_grad():
-        p1 = torch.softmax(target(torch.tensor([prompt]), target.new_cache(8))[0, -1], -1)
-        joint = torch.zeros(V, V)
-        for t1 in range(V):
-            p2 = torch.softmax(target(torch.tensor([prompt + [t1]]), target.new_cache(8))[0, -1], -1)
-            joint[t1] = p1[t1] * p2
     counts = np.zeros(V * V)
     drafter = ModelStage(draft, 16)
     for s in range(6000):
@@ -182,7 +186,7 @@ def test_end_to_end_sampling_matches_target_joint():
         )
         counts[out[0] * V + out[1]] += 1
     assert params.temperature == 1.0
-    assert chi2_pvalue(counts, joint.flatten().numpy()) > ALPHA
+    assert chi2_pvalue(counts, exact_joint(target, prompt, V)) > ALPHA
 
 
 def test_top_k_top_p_sampling_is_lossless():

@@ -127,16 +127,27 @@ def quantize_int4(model: Transformer) -> Transformer:
     (input not a multiple of 32, output not a multiple of 8) fall back to INT8."""
     if not isinstance(model, Transformer):
         raise ValueError("4-bit quantization needs a native model (Llama, Mistral or Qwen2 family)")
+
+    def make(parent, child):
+        fits = child.in_features % GROUP == 0 and child.out_features % 8 == 0 and parent is not None
+        return Int4Linear(child) if fits else Int8Linear(child)
+
+    return _quantized_copy(model, make, "int4")
+
+
+def _quantized_copy(model: Transformer, make, tag: str) -> Transformer:
+    """Copy the module tree sharing every tensor, then replace each Linear by ``make(parent, linear)``
+    (``parent`` None for the output projection). The rest (embedding table, norms) is read-only
+    and shared with the original."""
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     q = copy.deepcopy(model, memo)
     for parent in list(q.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                fits = child.in_features % GROUP == 0 and child.out_features % 8 == 0 and parent is not q
-                setattr(parent, name, Int4Linear(child) if fits else Int8Linear(child))
+                setattr(parent, name, make(None if parent is q else parent, child))
     q._rope_cache = None
     q._fused = None
-    q.quantized = "int4"
+    q.quantized = tag
     return q
 
 
@@ -148,15 +159,4 @@ def quantize_int8(model: Transformer) -> Transformer:
     """
     if not isinstance(model, Transformer):
         raise ValueError("INT8 quantization needs a native model (Llama, Mistral or Qwen2 family)")
-    # Copy the module tree but share every tensor: the Linear weights are replaced below,
-    # the rest (embedding table, norms) is read-only and shared with the original.
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    q = copy.deepcopy(model, memo)
-    for parent in list(q.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
-                setattr(parent, name, Int8Linear(child))
-    q._rope_cache = None
-    q._fused = None
-    q.quantized = "int8"
-    return q
+    return _quantized_copy(model, lambda parent, child: Int8Linear(child), "int8")
