@@ -38,48 +38,41 @@ static inline float hsum(v16 v) {
     return s;
 }
 
-/* rows [n0, n0 + RB) of w (fp32, row stride K) against every x row; raw sums into y. */
-static void block_f32(const float *x, const float *wr, float *y, int M, int N, int K, int n0) {
+/* R (1-3) rows of x against rows [n0, n0 + RB) of w (fp32, row stride K); raw sums into y.
+ * Each loaded weight vector feeds R multiply-adds (24 accumulators at R = 3). */
+static inline __attribute__((always_inline)) void f32_rows(const float *x, const float *wr, float *y, int m, int R,
+                                                           int N, int K, int n0) {
     int K16 = K & ~15;
+    v16 a[3][RB];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < RB; j++) a[r][j] = (v16){0};
+    for (int k = 0; k < K16; k += 16) {
+        v16 xv[3];
+        for (int r = 0; r < R; r++) xv[r] = load16(x + (size_t)(m + r) * K + k);
+        if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
+        for (int j = 0; j < RB; j++) {
+            v16 wv = load16(wr + (size_t)j * K + k);
+            for (int r = 0; r < R; r++) a[r][j] += xv[r] * wv;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + (size_t)(m + r) * K;
+        for (int j = 0; j < RB; j++) {
+            float acc = hsum(a[r][j]);
+            for (int k = K16; k < K; k++) acc += xr[k] * wr[(size_t)j * K + k];
+            y[(size_t)(m + r) * N + n0 + j] = acc;
+        }
+    }
+}
+
+static void block_f32(const float *x, const float *wr, float *y, int M, int N, int K, int n0) {
     int m = 0;
-    for (; m + 2 <= M; m += 2) {
-        const float *x0 = x + (size_t)m * K, *x1 = x0 + K;
-        v16 a[RB], c[RB];
-        for (int j = 0; j < RB; j++) a[j] = c[j] = (v16){0};
-        for (int k = 0; k < K16; k += 16) {
-            v16 xv0 = load16(x0 + k), xv1 = load16(x1 + k);
-            if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
-            for (int j = 0; j < RB; j++) {
-                v16 wv = load16(wr + (size_t)j * K + k);
-                a[j] += xv0 * wv;
-                c[j] += xv1 * wv;
-            }
-        }
-        for (int j = 0; j < RB; j++) {
-            float s0 = hsum(a[j]), s1 = hsum(c[j]);
-            for (int k = K16; k < K; k++) {
-                s0 += x0[k] * wr[(size_t)j * K + k];
-                s1 += x1[k] * wr[(size_t)j * K + k];
-            }
-            y[(size_t)m * N + n0 + j] = s0;
-            y[(size_t)(m + 1) * N + n0 + j] = s1;
-        }
+    while (M - m >= 3 && M - m != 4) {
+        f32_rows(x, wr, y, m, 3, N, K, n0);
+        m += 3;
     }
-    for (; m < M; m++) {
-        const float *x0 = x + (size_t)m * K;
-        v16 a[RB];
-        for (int j = 0; j < RB; j++) a[j] = (v16){0};
-        for (int k = 0; k < K16; k += 16) {
-            v16 xv0 = load16(x0 + k);
-            if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
-            for (int j = 0; j < RB; j++) a[j] += xv0 * load16(wr + (size_t)j * K + k);
-        }
-        for (int j = 0; j < RB; j++) {
-            float s0 = hsum(a[j]);
-            for (int k = K16; k < K; k++) s0 += x0[k] * wr[(size_t)j * K + k];
-            y[(size_t)m * N + n0 + j] = s0;
-        }
-    }
+    for (; M - m >= 2; m += 2) f32_rows(x, wr, y, m, 2, N, K, n0);
+    if (m < M) f32_rows(x, wr, y, m, 1, N, K, n0);
 }
 
 static void tail_rows(const float *x, const float *w, float *y, int M, int N, int K, int from) {
