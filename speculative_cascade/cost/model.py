@@ -1,0 +1,165 @@
+"""Closed-form cost model of a chain cascade.
+
+Notation: a round at level ``l`` drafts ``k`` tokens with the level below and verifies
+them with one forward of stage ``l`` over ``k + 1`` tokens.
+
+* ``t_l(n)`` - seconds for one forward of stage ``l`` over ``n`` new tokens
+  (:class:`ForwardCost`): measured points, or the roofline
+  ``max(W / B, n F / R) + c`` (weight bytes over memory bandwidth, FLOPs over compute
+  rate, plus a fixed per-call overhead; Williams et al., "Roofline", CACM 2009). The seed
+  paper's equation 5 charges the same two terms per stage.
+* ``P_i`` - probability that the first ``i + 1`` drafted tokens of a round are all accepted
+  (:class:`Acceptance`, measured per position: ``accepted_by_position[i] / drafted_by_position[i]``).
+  A round of ``k`` then yields ``E(k) = 1 + sum_{i < k} P_i`` tokens: the accepted ones plus the
+  recovered/bonus token. With a constant acceptance ``a`` this is Leviathan et al. (2023), eq. 1:
+  ``E = (1 - a^(k+1)) / (1 - a)``.
+* The cost of one token produced by level ``l`` is ``c_l = (k_{l-1} c_{l-1} + t_l(k_{l-1} + 1)) / E_l(k_{l-1})``;
+  a leaf stage drafts autoregressively, ``c_0 = t_0(1)``. The target's rate is
+  ``E_T(k) / (k c_top + t_T(k + 1) + o)`` tokens per second, ``o`` the per-round overhead of the loop.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from ..errors import CascadeError
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """``t(n)``: seconds for one forward over ``n`` new tokens, from measured ``(n, seconds)`` points.
+
+    Between points: linear interpolation; beyond the last: linear extrapolation from the
+    last two (compute-bound regime, cost grows with n)."""
+
+    name: str
+    points: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise CascadeError(f"no cost points for {self.name}")
+        object.__setattr__(self, "points", tuple(sorted((int(n), float(t)) for n, t in self.points)))
+
+    def __call__(self, n: int) -> float:
+        pts = self.points
+        if len(pts) == 1 or n <= pts[0][0]:
+            return pts[0][1]
+        ns = [p[0] for p in pts]
+        i = bisect_left(ns, n)
+        if i < len(ns) and ns[i] == n:
+            return pts[i][1]
+        (n0, t0), (n1, t1) = (pts[i - 1], pts[i]) if i < len(ns) else (pts[-2], pts[-1])
+        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+
+    @classmethod
+    def roofline(
+        cls,
+        name: str,
+        weight_bytes: float,
+        bandwidth: float,
+        flops_per_token: float,
+        flops_rate: float,
+        overhead: float = 0.0,
+        max_n: int = 64,
+    ) -> "ForwardCost":
+        """``t(n) = max(weight_bytes / bandwidth, n * flops_per_token / flops_rate) + overhead``."""
+        pts = tuple(
+            (n, max(weight_bytes / bandwidth, n * flops_per_token / flops_rate) + overhead) for n in range(1, max_n + 1)
+        )
+        return cls(name, pts)
+
+    @classmethod
+    def free(cls, name: str) -> "ForwardCost":
+        return cls(name, ((1, 0.0), (2, 0.0)))
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """``survive[i]``: probability that drafted positions ``0..i`` of a round are all accepted."""
+
+    survive: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        s = tuple(float(x) for x in self.survive)
+        if any(not 0.0 <= x <= 1.0 for x in s):
+            raise CascadeError("acceptance probabilities must be in [0, 1]")
+        object.__setattr__(self, "survive", s)
+
+    @classmethod
+    def constant(cls, a: float, k: int = 64) -> "Acceptance":
+        return cls(tuple(a ** (i + 1) for i in range(k)))
+
+    @classmethod
+    def from_counts(cls, accepted_by_position, drafted_by_position) -> "Acceptance":
+        """From ``GenerationStats`` counters (or bench totals); positions never drafted repeat the last rate's decay."""
+        s = [a / d for a, d in zip(accepted_by_position, drafted_by_position) if d]
+        return cls(tuple(s))
+
+    def rate(self, i: int) -> float:
+        """P(position i accepted | positions < i accepted)."""
+        p = self._p(i)
+        prev = self._p(i - 1) if i > 0 else 1.0
+        return p / prev if prev > 0 else 0.0
+
+    def _p(self, i: int) -> float:
+        s = self.survive
+        if not s:
+            return 0.0
+        if i < len(s):
+            return s[i]
+        # beyond the measured positions: keep the last measured conditional rate
+        last = s[-1] / s[-2] if len(s) > 1 and s[-2] > 0 else s[-1]
+        return s[-1] * last ** (i - len(s) + 1)
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a round of ``k`` drafted positions yields, the recovered/bonus token included."""
+        return 1.0 + sum(self._p(i) for i in range(k))
+
+
+def token_cost(costs: list[ForwardCost], accept: list[Acceptance], ks: list[int]) -> float:
+    """Seconds per token produced by the top drafting stage of a chain.
+
+    costs[l], accept[l], ks[l] for stages smallest first; ``accept[l]`` is stage ``l - 1``'s
+    acceptance by stage ``l`` (``accept[0]`` unused), ``ks[l - 1]`` the tokens stage ``l - 1``
+    drafts per review by stage ``l``."""
+    c = costs[0](1)
+    for lvl in range(1, len(costs)):
+        m = ks[lvl - 1]
+        c = (m * c + costs[lvl](m + 1)) / accept[lvl].expected_tokens(m)
+    return c
+
+
+def predict_chain(
+    target: ForwardCost,
+    costs: list[ForwardCost],
+    accept: list[Acceptance],
+    ks: list[int],
+    overhead: float = 0.0,
+) -> dict:
+    """Predicted decode speed of the chain ``stages -> target``.
+
+    ``costs``/``ks`` smallest stage first; ``accept[l]`` is stage ``l``'s acceptance by the
+    stage above it (the target for the last one). Returns tokens_per_s, round_s,
+    tokens_per_round and the draft/verify split."""
+    if not (len(costs) == len(accept) == len(ks)) or not costs:
+        raise CascadeError("need one cost, acceptance and k per drafting stage")
+    if any(k < 1 for k in ks):
+        raise CascadeError("every k must be >= 1")
+    shifted = [Acceptance(())] + list(accept[:-1])  # stage l's reviewer-side acceptance is accept[l - 1]
+    c = token_cost(costs, shifted, ks)
+    k = ks[-1]
+    draft_s, verify_s = k * c, target(k + 1)
+    tokens = accept[-1].expected_tokens(k)
+    round_s = draft_s + verify_s + overhead
+    return {
+        "tokens_per_s": tokens / round_s,
+        "round_s": round_s,
+        "tokens_per_round": tokens,
+        "draft_s": draft_s,
+        "verify_s": verify_s,
+    }
+
+
+def predict_autoregressive(target: ForwardCost, overhead: float = 0.0) -> float:
+    return 1.0 / (target(1) + overhead)

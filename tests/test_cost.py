@@ -1,0 +1,68 @@
+"""The cost model's closed forms, and its calibration on a tiny model."""
+
+import math
+
+import pytest
+
+from conftest import tiny_native
+from speculative_cascade.cost import Acceptance, ForwardCost, predict_chain
+from speculative_cascade.cost.calibrate import measure_forward_cost
+from speculative_cascade.errors import CascadeError
+from speculative_cascade.stages.model import ModelStage
+
+
+def test_constant_acceptance_gives_leviathans_expected_length():
+    for a in (0.0, 0.5, 0.9):
+        for k in (1, 4, 8):
+            expected = (1 - a ** (k + 1)) / (1 - a)  # Leviathan et al. 2023, eq. 1
+            assert math.isclose(Acceptance.constant(a).expected_tokens(k), expected)
+
+
+def test_measured_acceptance_and_extrapolation():
+    acc = Acceptance.from_counts([90, 72, 0], [100, 100, 0])  # third position never drafted
+    assert acc.survive == (0.9, 0.72)
+    assert math.isclose(acc.rate(1), 0.8)
+    assert math.isclose(acc.expected_tokens(3), 1 + 0.9 + 0.72 + 0.72 * 0.8)
+    with pytest.raises(CascadeError):
+        Acceptance((1.5,))
+
+
+def test_forward_cost_interpolates_and_extrapolates():
+    t = ForwardCost("x", ((1, 0.010), (3, 0.014), (9, 0.026)))
+    assert t(1) == 0.010 and math.isclose(t(2), 0.012) and math.isclose(t(6), 0.020)
+    assert math.isclose(t(15), 0.038)  # beyond the last point: the last slope
+    roof = ForwardCost.roofline("r", weight_bytes=1e8, bandwidth=1e10, flops_per_token=2e8, flops_rate=1e11)
+    assert math.isclose(roof(1), 0.01) and math.isclose(roof(5), 0.01) and math.isclose(roof(10), 0.02)
+
+
+def test_two_stage_prediction_by_hand():
+    target = ForwardCost("t", ((1, 0.030), (9, 0.048)))
+    draft = ForwardCost("d", ((1, 0.010), (2, 0.013)))
+    p = predict_chain(target, [draft], [Acceptance.constant(0.9)], [8], overhead=0.002)
+    tokens = (1 - 0.9**9) / 0.1
+    assert math.isclose(p["tokens_per_round"], tokens)
+    assert math.isclose(p["round_s"], 8 * 0.010 + 0.048 + 0.002)
+    assert math.isclose(p["tokens_per_s"], tokens / (0.080 + 0.048 + 0.002))
+
+
+def test_three_stage_prediction_by_hand():
+    target = ForwardCost("t", ((1, 0.030), (9, 0.048)))
+    draft = ForwardCost("d", ((1, 0.010), (2, 0.011), (4, 0.020)))
+    free = ForwardCost.free("mag")
+    # stage 0 (free) drafts 1 token per draft forward, accepted half the time: a draft token costs 0.011 / 1.5
+    p = predict_chain(target, [free, draft], [Acceptance.constant(0.5), Acceptance.constant(0.9)], [1, 8])
+    assert math.isclose(p["draft_s"], 8 * 0.011 / 1.5)
+    # a useless stage 0 only adds cost
+    worse = predict_chain(target, [free, draft], [Acceptance.constant(0.0), Acceptance.constant(0.9)], [1, 8])
+    plain = predict_chain(target, [draft], [Acceptance.constant(0.9)], [8])
+    assert worse["tokens_per_s"] < plain["tokens_per_s"] < p["tokens_per_s"]
+    with pytest.raises(CascadeError):
+        predict_chain(target, [draft], [Acceptance.constant(0.9)], [0])
+
+
+def test_calibration_measures_a_growing_cost():
+    stage = ModelStage(tiny_native(seed=0), 256)
+    t = measure_forward_cost(stage, list(range(2, 40)), ns=(1, 4, 32), reps=3)
+    assert [n for n, _ in t.points] == [1, 4, 32]
+    assert all(s > 0 for _, s in t.points)
+    assert t(32) > t(1)  # 32 new tokens cost more than one
