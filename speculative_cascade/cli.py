@@ -76,7 +76,12 @@ def _cascade_config(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tr
     }
     over = {key: v for key, v in over.items() if v is not None}
     if cascade is not None:
-        base = CascadeConfig.from_file(cascade).to_dict()
+        from .config import load_cascade
+
+        loaded = load_cascade(cascade)
+        if loaded is None:  # the file asks for plain decoding
+            return "plain"
+        base = loaded.to_dict()
     elif stages is not None:
         base = {"stages": [x.strip() for x in stages.split(",") if x.strip()]}
         if "k" not in over and "k_matrix" not in over:
@@ -156,6 +161,8 @@ def generate(
         config = _cascade_config(
             cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, target, draft
         )
+        if config == "plain":
+            config, draft = None, "none"
         kk = 8
         if config is None and k is not None:
             from .config import parse_k
@@ -286,6 +293,79 @@ def bench(
         except OSError as e:
             _fail(f"cannot write {json_path}: {e.strerror}")
         typer.echo(f"report written to {json_path}", err=True)
+
+
+@app.command()
+def tune(
+    target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    prompts: Optional[Path] = typer.Option(None, help="Calibration prompts, one per line (default: 4 shipped ones)."),
+    n_prompts: int = typer.Option(4, "--n-prompts", min=1, help="How many calibration prompts to use."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=8, help="Tokens per calibration run."),
+    drafts: str = typer.Option("int8,int4", help="Neural drafts to consider (comma-separated stage specs)."),
+    mag: bool = typer.Option(True, "--mag/--no-mag", help="Also consider MaG in front of each draft."),
+    out: Path = typer.Option(Path("cascade.toml"), "--out", "-o", help="Where to write the best configuration."),
+) -> None:
+    """Measure this machine, predict every configuration with the cost model, write the fastest."""
+    from . import distill as D
+    from .cost.tune import tune as run_tune
+    from .generator import SpeculativeGenerator
+
+    try:
+        gen = SpeculativeGenerator(target, None)
+        texts = D.read_prompts(prompts)[:n_prompts]
+        chat = bool(getattr(gen.tokenizer, "chat_template", None))
+        ids = [gen.encode(t, chat=chat) for t in texts]
+        with console_status("calibrating") as step:
+            result = run_tune(
+                gen.target,
+                gen.tokenizer,
+                ids,
+                max_new_tokens=max_new_tokens,
+                max_len=gen.max_len,
+                drafts=[d.strip() for d in drafts.split(",") if d.strip()],
+                with_mag=mag,
+                progress=step,
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.to_toml())
+    except CascadeError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or out}: {e.strerror}")
+    typer.echo(
+        f"{'candidate':14s} {'draft ms/token':>14s} {'overhead ms':>11s} {'best k':>6s} {'predicted tok/s':>15s}"
+    )
+    for c in result.candidates:
+        k, rate = max(c.predictions.items(), key=lambda kv: kv[1])
+        typer.echo(f"{c.name:14s} {c.token_cost * 1e3:14.2f} {c.overhead * 1e3:11.2f} {k:6d} {rate:15.1f}")
+    typer.echo(
+        f"{'autoregressive':14s} {result.target_cost(1) * 1e3:14.2f} {'':11s} {'':6s} "
+        f"{result.predicted_ar_tokens_per_s:15.1f}"
+    )
+    if result.config is None:
+        typer.echo("no speculation is predicted to beat autoregressive decoding here: use --draft none")
+    else:
+        typer.echo(
+            f"best: {result.config.describe()}, predicted {result.predicted_tokens_per_s:.1f} tok/s "
+            f"({result.predicted_tokens_per_s / result.predicted_ar_tokens_per_s:.2f}x autoregressive)"
+        )
+    typer.echo(f"wrote {out} in {result.seconds:.0f} s; use it with: cascade generate --config {out} PROMPT")
+
+
+class console_status:
+    """A spinner with the current step on stderr (rich), as a context manager yielding ``step(text)``."""
+
+    def __init__(self, title: str) -> None:
+        from rich.console import Console
+
+        self.status = Console(stderr=True).status(title)
+
+    def __enter__(self):
+        self.status.__enter__()
+        return lambda text: self.status.update(f"calibrated {text}")
+
+    def __exit__(self, *exc):
+        return self.status.__exit__(*exc)
 
 
 @app.command()

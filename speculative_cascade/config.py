@@ -148,6 +148,30 @@ class CascadeConfig:
         return replace(self, **kw)
 
 
+def load_cascade(spec) -> CascadeConfig | None:
+    """A CascadeConfig from a config, a dict or a file; None where the stage list is empty
+    (``cascade tune`` writes that when plain decoding is fastest)."""
+    if spec is None or isinstance(spec, CascadeConfig):
+        return spec
+    if not isinstance(spec, dict):
+        path = Path(spec)
+        if not path.is_file():
+            raise CascadeError(f"cascade file not found: {path}")
+        if path.suffix == ".toml":
+            import tomllib
+
+            try:
+                spec = tomllib.loads(path.read_text(encoding="utf-8"))
+            except Exception as e:
+                raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
+        else:
+            return CascadeConfig.from_file(path)
+    body = spec.get("cascade", spec)
+    if isinstance(body, dict) and "stages" in body and not body["stages"]:
+        return None
+    return CascadeConfig.from_dict(spec)
+
+
 def parse_k(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in str(text).split(",") if x.strip())

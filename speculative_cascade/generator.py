@@ -94,13 +94,9 @@ class SpeculativeGenerator:
         self.max_len = min(max_len, limit)
         self.config = None
         if cascade is not None:
-            from .config import CascadeConfig, build_round
+            from .config import build_round, load_cascade
 
-            if isinstance(cascade, dict):
-                cascade = CascadeConfig.from_dict(cascade)
-            elif not isinstance(cascade, CascadeConfig):
-                cascade = CascadeConfig.from_file(cascade)
-            self.config = cascade
+            self.config = load_cascade(cascade)  # None: the file asks for plain decoding
             draft_model = None
         if draft_model == INT8_SELF_DRAFT:
             if not isinstance(self.target, Transformer):

@@ -281,7 +281,7 @@ def test_bench_cascade_methods(tmp_path, tiny_model_dir, tiny_ckpt):
         "-n",
         12,
         "--methods",
-        "ar,mag,chain,csd,spec4",
+        "ar,mag,chain,csd,spec4,auto",
         "-t",
         tiny_model_dir,
         "--no-chat",
@@ -292,10 +292,11 @@ def test_bench_cascade_methods(tmp_path, tiny_model_dir, tiny_ckpt):
     )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
-    for m in ("mag", "chain", "csd", "spec4", "custom"):
+    for m in ("mag", "chain", "csd", "spec4", "custom", "auto"):
         assert rep["methods"][m]["identical_to_ar"] is True, m
     assert [s["name"] for s in rep["methods"]["chain"]["stages"]] == ["mag", "int8", "target"]
     assert rep["config"]["cascades"]["custom"].startswith("tree")
+    assert rep["methods"]["auto"]["predicted_decode_tokens_per_s"] > 0
     assert "per-stage breakdown" in r.stderr
     bad = invoke("bench", "--prompts", prompts, "--methods", "custom", "-t", tiny_model_dir)
     one_line_error(bad, "needs --cascade")

@@ -66,3 +66,36 @@ def test_calibration_measures_a_growing_cost():
     assert [n for n, _ in t.points] == [1, 4, 32]
     assert all(s > 0 for _, s in t.points)
     assert t(32) > t(1)  # 32 new tokens cost more than one
+
+
+def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from speculative_cascade.cli import app
+    from speculative_cascade.config import load_cascade
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the quick brown fox\nhello world\n")
+    out = tmp_path / "c.toml"
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["tune", "-t", str(tiny_model_dir), "--prompts", str(prompts), "-n", "16", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "predicted" in r.stdout and out.is_file()
+    cfg = load_cascade(out)  # a configuration, or None when plain decoding is predicted fastest
+    base = ["generate", "the quick brown fox", "-t", str(tiny_model_dir), "-n", "12", "--no-chat", "--json"]
+    tuned = json.loads(runner.invoke(app, [*base, "--config", str(out)]).stdout)
+    plain = json.loads(runner.invoke(app, [*base, "-d", "none"]).stdout)
+    assert tuned["token_ids"] == plain["token_ids"]
+    assert (tuned["cascade"] is None) == (cfg is None)
+
+
+def test_plain_decoding_file(tmp_path):
+    from speculative_cascade.config import load_cascade
+
+    f = tmp_path / "plain.toml"
+    f.write_text("[cascade]\nstages = []\n")
+    assert load_cascade(f) is None

@@ -31,6 +31,7 @@ class BenchContext:
         self.tokenizer = loaded.tokenizer
         self._draft = None
         self.cascades: dict = {}  # method name -> CascadeConfig overriding the method's own
+        self.predicted: dict = {}  # method name -> cost-model prediction of its decode tokens/s
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
 
     @property
@@ -152,6 +153,33 @@ class Custom(Cascade):
     description = "the cascade given with --cascade FILE"
 
 
+class Auto(Native):
+    """``cascade tune`` at start-up (on the shipped instructions, not the benchmark's prompts), then its choice."""
+
+    name = "auto"
+    description = "the configuration `cascade tune` picks on this machine (calibrated when the method starts)"
+    speculative = True
+
+    def make_round(self):
+        from ..config import build_round
+        from ..cost.tune import tune
+        from ..distill import read_prompts
+
+        tok = self.ctx.tokenizer
+        chat = bool(getattr(tok, "chat_template", None))
+        ids = []
+        for text in read_prompts(None)[:4]:
+            if chat:
+                text = tok.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                )
+            ids.append(tok.encode(text, add_special_tokens=not chat))
+        self.tuned = tune(self.ctx.target, tok, ids, max_len=self.ctx.max_len)
+        if self.tuned.config is None:
+            return ChainRound()
+        return build_round(self.tuned.config, self.ctx.target, tok, self.ctx.max_len, cache=self.ctx.shared)[0]
+
+
 def _cascade(name: str, description: str, **settings) -> type[Cascade]:
     from ..config import CascadeConfig
 
@@ -188,5 +216,5 @@ CSD = _cascade(
 )
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom)
+    m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom, Auto)
 }

@@ -119,6 +119,10 @@ def run_bench(
     with Progress(console=console, transient=False) as progress:
         for name in order:
             method = METHODS[name](ctx)
+            tuned = getattr(method, "tuned", None)
+            if tuned is not None:
+                ctx.cascades[name] = tuned.config
+                ctx.predicted[name] = tuned.predicted_tokens_per_s
             method.run(encode("Hello"), 8)  # warm-up
             task = progress.add_task(f"{name:6s}", total=len(rows))
             results[name] = []
@@ -140,7 +144,7 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             "draft": ctx.draft_spec or "none",
             "k": ctx.k,
             "cascades": {n: METHODS[n].config.describe() for n in order if getattr(METHODS[n], "config", None)}
-            | ({"custom": ctx.cascades["custom"].describe()} if "custom" in ctx.cascades else {}),
+            | {n: (c.describe() if c is not None else "autoregressive") for n, c in ctx.cascades.items()},
             "max_new_tokens": max_new_tokens,
             "chat_template": chat,
             "prompts": len(rows),
@@ -188,6 +192,8 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             m["time_draft_s"] = sum(s["draft_s"] for s in stats)
             m["time_verify_s"] = sum(s["verify_s"] for s in stats)
             m["stages"] = _stage_totals(stats)
+        if name in ctx.predicted:
+            m["predicted_decode_tokens_per_s"] = ctx.predicted[name]
         if ref is not None:
             same = [r.token_ids == a.token_ids for r, a in zip(res, ref)]
             m["identical_to_ar"] = all(same)
