@@ -38,9 +38,14 @@ class DistillConfig:
 
 
 def read_prompts(path: Path | None) -> list[str]:
+    """Prompts from a text file (one per line) or a Spec-Bench JSONL file (first turn of each line)."""
     path = Path(path) if path else DEFAULT_PROMPTS
     if not path.is_file():
         raise CascadeError(f"prompt file not found: {path}")
+    if path.suffix == ".jsonl":
+        from .bench.runner import load_prompts
+
+        return [r["prompt"] for r in load_prompts(path, 0)]
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise CascadeError(f"no prompts in {path}")

@@ -32,6 +32,7 @@ class BenchContext:
         self._draft = None
         self.cascades: dict = {}  # method name -> CascadeConfig overriding the method's own
         self.predicted: dict = {}  # method name -> cost-model prediction of its decode tokens/s
+        self.calibration_prompts: list[str] = []  # for 'auto': same distribution, not benchmarked
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
 
     @property
@@ -154,7 +155,8 @@ class Custom(Cascade):
 
 
 class Auto(Native):
-    """``cascade tune`` at start-up (on the shipped instructions, not the benchmark's prompts), then its choice."""
+    """``cascade tune`` at start-up, then its choice. It calibrates on prompts of the benchmark's file that
+    the benchmark does not run (one per category, up to 6), else on the shipped instructions."""
 
     name = "auto"
     description = "the configuration `cascade tune` picks on this machine (calibrated when the method starts)"
@@ -168,7 +170,7 @@ class Auto(Native):
         tok = self.ctx.tokenizer
         chat = bool(getattr(tok, "chat_template", None))
         ids = []
-        for text in read_prompts(None)[:4]:
+        for text in self.ctx.calibration_prompts or read_prompts(None)[:4]:
             if chat:
                 text = tok.apply_chat_template(
                     [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True

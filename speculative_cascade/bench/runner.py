@@ -97,6 +97,8 @@ def run_bench(
     ctx = BenchContext(loaded, draft, k, max_len)
     if cascade is not None:
         ctx.cascades["custom"] = cascade
+    if "auto" in methods:
+        ctx.calibration_prompts = _held_out(prompts, rows)
 
     def encode(text: str) -> list[int]:
         if chat and getattr(tok, "chat_template", None):
@@ -134,6 +136,19 @@ def run_bench(
     _print_table(console, report, Table)
     _print_stages(console, report, Table)
     return report
+
+
+def _held_out(path, rows, n: int = 6) -> list[str]:
+    """One prompt per category (up to ``n``) from the same file that the benchmark does not run."""
+    used = {r["id"] for r in rows}
+    seen, out = set(), []
+    for r in load_prompts(path, 0):
+        if r["id"] not in used and r["category"] not in seen:
+            seen.add(r["category"])
+            out.append(r["prompt"])
+        if len(out) >= n:
+            break
+    return out
 
 
 def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
