@@ -75,7 +75,7 @@ def _calibrate_candidate(name, settings, target, tokenizer, prompts, max_new_tok
     cfg = CascadeConfig.from_dict({**settings, "k": [*settings.get("k", [])[:-1], CALIBRATION_K]})
     rnd, stages = build_round(cfg, target, tokenizer, max_len, cache=shared)
     acc, dr = [0] * CALIBRATION_K, [0] * CALIBRATION_K
-    draft_s = drafted = rounds = other = verify_s = 0.0
+    draft_s = drafted = rounds = other = verify_s = new = decode_s = 0.0
     for ids in prompts:
         _, st = generate_tokens(
             target,
@@ -91,6 +91,8 @@ def _calibrate_candidate(name, settings, target, tokenizer, prompts, max_new_tok
             dr[i] += st.drafted_by_position[i]
         draft_s += st.draft_s
         verify_s += st.verify_s
+        new += st.new_tokens
+        decode_s += st.total_s - st.prefill_s
         drafted += st.drafted
         rounds += st.rounds
         other += (st.total_s - st.prefill_s) - st.draft_s - st.verify_s
@@ -98,6 +100,7 @@ def _calibrate_candidate(name, settings, target, tokenizer, prompts, max_new_tok
         raise CascadeError(f"calibration of {name} drafted nothing")
     cand = Candidate(name, settings, draft_s / drafted, Acceptance.from_counts(acc, dr), other / rounds)
     cand.verify_per_round = verify_s / rounds
+    cand.measured_tokens_per_s = new / decode_s  # at k = CALIBRATION_K
     return cand
 
 
@@ -146,8 +149,15 @@ def tune(
     ar = 1.0 / target_cost(1)
     best, best_rate = None, ar * (1 + margin)
     for c in candidates:
+
+        def closed_form(k: int) -> float:
+            return c.accept.expected_tokens(k) / (k * c.token_cost + target_cost(k + 1) + c.overhead)
+
+        # What the closed form misses (end-of-generation rounds, the loop's own bookkeeping) is taken
+        # as a steady factor: the one that makes it match the calibration run at its k.
+        c.correction = c.measured_tokens_per_s / closed_form(CALIBRATION_K)
         for k in K_RANGE:
-            rate = c.accept.expected_tokens(k) / (k * c.token_cost + target_cost(k + 1) + c.overhead)
+            rate = closed_form(k) * c.correction
             c.predictions[k] = rate
             if rate > best_rate:
                 best, best_rate = (c, k), rate
