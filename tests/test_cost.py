@@ -60,12 +60,21 @@ def test_three_stage_prediction_by_hand():
         predict_chain(target, [draft], [Acceptance.constant(0.9)], [0])
 
 
-def test_calibration_measures_a_growing_cost():
-    stage = ModelStage(tiny_native(seed=0), 256)
-    t = measure_forward_cost(stage, list(range(2, 40)), ns=(1, 4, 32), reps=3)
+def test_calibration_measures_what_the_stage_costs():
+    import time
+
+    class Sleepy:  # a stage whose forward over n tokens takes n milliseconds
+        name = "sleepy"
+
+        def score(self, ids, draft):
+            time.sleep(0.001 * (len(draft) + 1))
+
+    t = measure_forward_cost(Sleepy(), list(range(2, 40)), ns=(1, 4, 32), reps=3)
     assert [n for n, _ in t.points] == [1, 4, 32]
-    assert all(s > 0 for _, s in t.points)
-    assert t(32) > t(1)  # 32 new tokens cost more than one
+    assert t(1) >= 0.001 and t(32) >= 0.032 and t(32) > t(4) > t(1)
+    stage = ModelStage(tiny_native(seed=0), 256)  # a real stage: the cache is rolled back every time
+    real = measure_forward_cost(stage, list(range(2, 40)), ns=(1, 4), reps=2)
+    assert all(s > 0 for _, s in real.points) and stage.runner.length == 38 + 3
 
 
 def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
