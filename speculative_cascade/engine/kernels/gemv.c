@@ -38,62 +38,6 @@ static inline float hsum(v16 v) {
     return s;
 }
 
-/* R (1-3) rows of x against rows [n0, n0 + RB) of w (fp32, row stride K); raw sums into y.
- * Each loaded weight vector feeds R multiply-adds (24 accumulators at R = 3). */
-static inline __attribute__((always_inline)) void f32_rows(const float *x, const float *wr, float *y, int m, int R,
-                                                           int N, int K, int n0) {
-    int K16 = K & ~15;
-    v16 a[3][RB];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < RB; j++) a[r][j] = (v16){0};
-    for (int k = 0; k < K16; k += 16) {
-        v16 xv[3];
-        for (int r = 0; r < R; r++) xv[r] = load16(x + (size_t)(m + r) * K + k);
-        if (m == 0) prefetch_ahead(wr, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
-        for (int j = 0; j < RB; j++) {
-            v16 wv = load16(wr + (size_t)j * K + k);
-            for (int r = 0; r < R; r++) a[r][j] += xv[r] * wv;
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        const float *xr = x + (size_t)(m + r) * K;
-        for (int j = 0; j < RB; j++) {
-            float acc = hsum(a[r][j]);
-            for (int k = K16; k < K; k++) acc += xr[k] * wr[(size_t)j * K + k];
-            y[(size_t)(m + r) * N + n0 + j] = acc;
-        }
-    }
-}
-
-static void block_f32(const float *x, const float *wr, float *y, int M, int N, int K, int n0) {
-    int m = 0;
-    while (M - m >= 3 && M - m != 4) {
-        f32_rows(x, wr, y, m, 3, N, K, n0);
-        m += 3;
-    }
-    for (; M - m >= 2; m += 2) f32_rows(x, wr, y, m, 2, N, K, n0);
-    if (m < M) f32_rows(x, wr, y, m, 1, N, K, n0);
-}
-
-static void tail_rows(const float *x, const float *w, float *y, int M, int N, int K, int from) {
-    for (int n = from; n < N; n++)
-        for (int m = 0; m < M; m++) {
-            float s = 0.f;
-            for (int k = 0; k < K; k++) s += x[(size_t)m * K + k] * w[(size_t)n * K + k];
-            y[(size_t)m * N + n] = s;
-        }
-}
-
-void sc_linear_f32(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
-    int nb = N - N % RB;
-#pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < nb; n0 += RB) block_f32(x, w + (size_t)n0 * K, y, M, N, K, n0);
-    tail_rows(x, w, y, M, N, K, nb);
-    if (b)
-        for (int m = 0; m < M; m++)
-            for (int n = 0; n < N; n++) y[(size_t)m * N + n] += b[n];
-}
-
 /* y[m, n] = s[n] * sum_k x[m, k] * w8[n, k] (+ b[n]): exact weight-only INT8 (activations
  * stay fp32); reads a quarter of the fp32 bytes. 16 int8 weights are widened to fp32 in
  * registers right before their multiply-add. */
@@ -123,11 +67,15 @@ static inline v16 load16_i8(const signed char *p) {
 }
 #endif
 
-/* R (1-3) rows of x against the RB-row int8 block: each widened weight vector feeds R
- * multiply-adds, so up to three rows cost about what one does while memory is the bound. */
-static inline __attribute__((always_inline)) void i8_rows(const float *x, const signed char *wr, const float *s,
-                                                          const float *b, float *y, int m, int R, int N, int K,
-                                                          int n0) {
+/* R (1-3) rows of x against rows [n0, n0 + RB) of w (row stride K): fp32 weights (i8 == 0, raw
+ * sums into y) or INT8 ones (i8 == 1, y = s[n] * sum + b[n]). Each loaded weight vector - widened
+ * to fp32 in registers for INT8 - feeds R multiply-adds (24 accumulators at R = 3). Always inlined
+ * with constant i8 and R, so each combination compiles to its own loop. */
+static inline __attribute__((always_inline)) void rows(int i8, const float *x, const void *w, const float *s,
+                                                       const float *b, float *y, int m, int R, int N, int K,
+                                                       int n0) {
+    const float *wf = (const float *)w;
+    const signed char *wq = (const signed char *)w;
     int K16 = K & ~15;
     v16 a[3][RB];
     for (int r = 0; r < R; r++)
@@ -135,9 +83,14 @@ static inline __attribute__((always_inline)) void i8_rows(const float *x, const 
     for (int k = 0; k < K16; k += 16) {
         v16 xv[3];
         for (int r = 0; r < R; r++) xv[r] = load16(x + (size_t)(m + r) * K + k);
-        if (m == 0) prefetch_ahead(wr, (size_t)RB * K, PF_I8, (size_t)k * RB, RB * 16);
+        if (m == 0) {
+            if (i8)
+                prefetch_ahead(wq, (size_t)RB * K, PF_I8, (size_t)k * RB, RB * 16);
+            else
+                prefetch_ahead(wf, (size_t)RB * K * 4, PF_F32, (size_t)k * RB * 4, RB * 64);
+        }
         for (int j = 0; j < RB; j++) {
-            v16 wv = load16_i8(wr + (size_t)j * K + k);
+            v16 wv = i8 ? load16_i8(wq + (size_t)j * K + k) : load16(wf + (size_t)j * K + k);
             for (int r = 0; r < R; r++) a[r][j] += xv[r] * wv;
         }
     }
@@ -145,21 +98,51 @@ static inline __attribute__((always_inline)) void i8_rows(const float *x, const 
         const float *xr = x + (size_t)(m + r) * K;
         for (int j = 0; j < RB; j++) {
             float acc = hsum(a[r][j]);
-            for (int k = K16; k < K; k++) acc += xr[k] * (float)wr[(size_t)j * K + k];
-            y[(size_t)(m + r) * N + n0 + j] = acc * s[n0 + j] + (b ? b[n0 + j] : 0.f);
+            for (int k = K16; k < K; k++) acc += xr[k] * (i8 ? (float)wq[(size_t)j * K + k] : wf[(size_t)j * K + k]);
+            y[(size_t)(m + r) * N + n0 + j] = i8 ? acc * s[n0 + j] + (b ? b[n0 + j] : 0.f) : acc;
         }
     }
 }
 
-static void block_i8(const float *x, const signed char *wr, const float *s, const float *b, float *y,
-                     int M, int N, int K, int n0) {
+/* Every row of x against one block of RB weight rows: passes of 3 rows, then 2, then 1 (4 = 2 + 2). */
+static inline __attribute__((always_inline)) void block(int i8, const float *x, const void *w, const float *s,
+                                                        const float *b, float *y, int M, int N, int K, int n0) {
     int m = 0;
     while (M - m >= 3 && M - m != 4) {
-        i8_rows(x, wr, s, b, y, m, 3, N, K, n0);
+        rows(i8, x, w, s, b, y, m, 3, N, K, n0);
         m += 3;
     }
-    for (; M - m >= 2; m += 2) i8_rows(x, wr, s, b, y, m, 2, N, K, n0);
-    if (m < M) i8_rows(x, wr, s, b, y, m, 1, N, K, n0);
+    for (; M - m >= 2; m += 2) rows(i8, x, w, s, b, y, m, 2, N, K, n0);
+    if (m < M) rows(i8, x, w, s, b, y, m, 1, N, K, n0);
+}
+
+static void block_f32(const float *x, const float *wr, float *y, int M, int N, int K, int n0) {
+    block(0, x, wr, NULL, NULL, y, M, N, K, n0);
+}
+
+static void tail_rows(const float *x, const float *w, float *y, int M, int N, int K, int from) {
+    for (int n = from; n < N; n++)
+        for (int m = 0; m < M; m++) {
+            float s = 0.f;
+            for (int k = 0; k < K; k++) s += x[(size_t)m * K + k] * w[(size_t)n * K + k];
+            y[(size_t)m * N + n] = s;
+        }
+}
+
+void sc_linear_f32(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
+    int nb = N - N % RB;
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < nb; n0 += RB) block_f32(x, w + (size_t)n0 * K, y, M, N, K, n0);
+    tail_rows(x, w, y, M, N, K, nb);
+    if (b)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) y[(size_t)m * N + n] += b[n];
+}
+
+
+static void block_i8(const float *x, const signed char *wr, const float *s, const float *b, float *y,
+                     int M, int N, int K, int n0) {
+    block(1, x, wr, s, b, y, M, N, K, n0);
 }
 
 void sc_linear_i8(const float *x, const signed char *w, const float *s, const float *b, float *y,
