@@ -10,6 +10,7 @@ import time
 
 _START = time.perf_counter()  # process start, near enough: this module is imported first
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,6 +34,17 @@ DRAFT_HELP = "Draft model: 'int8' (INT8 copy of the target), 'none' (plain decod
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _user_errors(path=""):
+    """A user's mistake or an unwritable/unreadable file ends the command with one ``error:`` line."""
+    try:
+        yield
+    except CascadeError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.filename or path}: {e.strerror}")
 
 
 def _draft_arg(draft: str):
@@ -310,7 +322,7 @@ def tune(
     from .cost.tune import tune as run_tune
     from .generator import SpeculativeGenerator
 
-    try:
+    with _user_errors(out):
         gen = SpeculativeGenerator(target, None)
         texts = D.read_prompts(prompts)[:n_prompts]
         chat = bool(getattr(gen.tokenizer, "chat_template", None))
@@ -328,10 +340,6 @@ def tune(
             )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(result.to_toml())
-    except CascadeError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or out}: {e.strerror}")
     typer.echo(
         f"{'candidate':14s} {'draft ms/token':>14s} {'overhead ms':>11s} {'best k':>6s} {'predicted tok/s':>15s}"
     )
@@ -396,7 +404,7 @@ def distill(
         _fail(f"--teacher must be 'target' or 'int8', got {teacher!r}")
     cfg = D.DistillConfig(max_new_tokens=max_new_tokens, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     bar = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    try:
+    with _user_errors(out):
         work_dir.mkdir(parents=True, exist_ok=True)
         gen = SpeculativeGenerator(target, "int8")
         seq_file = work_dir / "sequences.json"
@@ -433,10 +441,6 @@ def distill(
         bigram_agree = D.bigram_agreement(table, held[0], held[1])
         if bigram_out is not None:
             table.save(bigram_out)
-    except CascadeError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename or ''}: {e.strerror}")
     typer.echo(
         f"trained on {len(data[0])} positions ({len(train_seqs)} sequences) in {result['seconds']:.0f} s; "
         f"held-out greedy agreement with the teacher over {len(held[0])} positions: "
