@@ -2,6 +2,7 @@
 
 from speculative_cascade import SpeculativeGenerator
 gen = SpeculativeGenerator()                   # embedded SmolLM2, INT8 self-draft
+gen = SpeculativeGenerator(cascade={"stages": ["mag:none", "int8"], "k": [3, 8], "mag_min_ngram": 2})
 print(gen.generate("The future of AI is", max_new_tokens=64))
 print(gen.get_stats()["acceptance_rate"])
 """
@@ -53,8 +54,8 @@ def as_model(obj, *, progress: bool = True) -> tuple[torch.nn.Module, object | N
 
 
 class SpeculativeGenerator:
-    """Lossless two-stage speculative decoding: a draft proposes ``K`` tokens per round,
-    the target verifies them in one forward.
+    """Lossless speculative decoding: a draft proposes ``K`` tokens per round, the target
+    verifies them in one forward; or, with ``cascade``, any cascade of drafting stages.
 
     Args:
         target_model: model spec (None = embedded SmolLM2-135M-Instruct, a GGUF path, a
