@@ -118,7 +118,7 @@ def test_bench_report(tmp_path, tiny_model_dir):
         "-n",
         12,
         "--methods",
-        "hf,ar,spec",
+        "hf,hf-pld,hf-assisted,ar,spec",
         "-t",
         tiny_model_dir,
         "--no-chat",
@@ -128,8 +128,11 @@ def test_bench_report(tmp_path, tiny_model_dir):
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     assert rep["config"]["prompts"] == 2
-    for m in ("hf", "ar", "spec"):
+    for m in ("hf", "hf-pld", "hf-assisted", "ar", "spec"):
         assert rep["methods"][m]["identical_to_ar"] is True
+        # identical outputs, identical perplexity under the target (the paper's PPL column for lossless methods)
+        assert rep["methods"][m]["perplexity"] == pytest.approx(rep["methods"]["ar"]["perplexity"], rel=1e-9)
+        assert rep["methods"][m]["peak_rss_mb"] is None or rep["methods"][m]["peak_rss_mb"] > 0
         assert rep["methods"][m]["tokens_per_s"] > 0
     assert "acceptance_rate" in rep["methods"]["spec"]
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
@@ -212,3 +215,30 @@ def test_usage_errors_are_one_line(monkeypatch, capsys, argv, needle):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_seed_benchmark_aliases(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "a", "turns": ["the quick fox"]}))
+    base = [
+        sys.executable,
+        "-m",
+        "speculative_cascade.benchmarks.compare_methods",
+        "--dataset",
+        str(prompts),
+        "--target",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "8",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    r = subprocess.run([*base, "--methods", "standard,cascade"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(rep["methods"]) == {"ar", "spec", "chain"}  # 'ar' is always run as the reference
+    r = subprocess.run([*base, "--methods", "medusa"], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1

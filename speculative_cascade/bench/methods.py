@@ -69,12 +69,16 @@ class Method:
 class HFGenerate(Method):
     name = "hf"
     description = "transformers generate(), greedy, fp32 (the reference baseline)"
+    extra_generate_kwargs: dict = {}
 
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(ctx.loaded.path, dtype=torch.float32).eval()
+
+    def generate_kwargs(self) -> dict:
+        return dict(self.extra_generate_kwargs)
 
     def run(self, prompt_ids, max_new_tokens):
         eos = sorted(self.ctx.eos_ids())
@@ -87,6 +91,7 @@ class HFGenerate(Method):
                 do_sample=False,
                 eos_token_id=eos or None,
                 pad_token_id=eos[0] if eos else 0,
+                **self.generate_kwargs(),
             )
         seconds = time.perf_counter() - t0
         new = out[0, len(prompt_ids) :].tolist()
@@ -95,6 +100,28 @@ class HFGenerate(Method):
                 new = new[:i]
                 break
         return Result(new, seconds)
+
+
+class HFPromptLookup(HFGenerate):
+    name = "hf-pld"
+    description = "transformers prompt lookup decoding (prompt_lookup_num_tokens=10), greedy, fp32"
+    extra_generate_kwargs = {"prompt_lookup_num_tokens": 10}
+
+
+class HFAssisted(HFGenerate):
+    name = "hf-assisted"
+    description = "transformers assisted generation, assistant: an INT8 copy (torch dynamic quantization)"
+
+    def __init__(self, ctx: BenchContext) -> None:
+        super().__init__(ctx)
+        import copy
+
+        from torch.ao.quantization import quantize_dynamic
+
+        self.assistant = quantize_dynamic(copy.deepcopy(self.model), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def generate_kwargs(self) -> dict:
+        return {"assistant_model": self.assistant}
 
 
 class Native(Method):
@@ -218,5 +245,6 @@ CSD = _cascade(
 )
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (HFGenerate, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom, Auto)
+    m.name: m
+    for m in (HFGenerate, HFPromptLookup, HFAssisted, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom, Auto)
 }

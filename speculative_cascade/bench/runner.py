@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections import defaultdict
@@ -118,8 +119,10 @@ def run_bench(
     # 'ar' first: the others are compared with it.
     order = sorted(dict.fromkeys(methods), key=lambda m: m != "ar")
     results: dict[str, list] = {}
+    peak_mb: dict[str, float | None] = {}
     with Progress(console=console, transient=False) as progress:
         for name in order:
+            _reset_peak_rss()
             method = METHODS[name](ctx)
             tuned = getattr(method, "tuned", None)
             if tuned is not None:
@@ -132,10 +135,61 @@ def run_bench(
                 res = method.run(r["ids"], max_new_tokens)
                 results[name].append(res)
                 progress.advance(task)
+            peak_mb[name] = _peak_rss_mb()
+            del method
+        task = progress.add_task("perplexity", total=len(rows))
+        ppl = _perplexities(ctx.target, rows, results, order, lambda: progress.advance(task))
     report = _report(rows, results, order, loaded, ctx, max_new_tokens, chat)
+    for name in order:
+        report["methods"][name]["peak_rss_mb"] = peak_mb.get(name)
+        report["methods"][name]["perplexity"] = ppl[name]
     _print_table(console, report, Table)
     _print_stages(console, report, Table)
     return report
+
+
+def _reset_peak_rss() -> None:
+    """Reset the process's peak resident set (Linux: VmHWM), so each method's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@torch.inference_mode()
+def _perplexities(target, rows, results, order, advance) -> dict[str, float | None]:
+    """Perplexity of each method's generated tokens under the target (all methods' outputs pooled
+    per method); identical outputs give identical figures, as lossless methods must."""
+    memo: dict[tuple, tuple[float, int]] = {}
+    totals = {name: [0.0, 0] for name in order}
+    for i, row in enumerate(rows):
+        for name in order:
+            out = results[name][i].token_ids
+            if not out:
+                continue
+            key = (i, tuple(out))
+            if key not in memo:
+                ids = row["ids"] + out
+                logits = target(torch.tensor([ids[:-1]]), target.new_cache(len(ids)))[0]  # (T - 1, V)
+                logp = torch.log_softmax(logits[len(row["ids"]) - 1 :].float(), -1)
+                nll = -logp.gather(1, torch.tensor(out)[:, None]).sum()
+                memo[key] = (float(nll), len(out))
+            totals[name][0] += memo[key][0]
+            totals[name][1] += memo[key][1]
+        advance()
+    return {n: (math.exp(t / c) if c else None) for n, (t, c) in totals.items()}
 
 
 def _held_out(path, rows, n: int = 6) -> list[str]:
@@ -278,7 +332,8 @@ def _print_stages(console, report, Table) -> None:
 
 def _print_table(console, report, Table) -> None:
     t = Table(title=f"{report['config']['prompts']} prompts, {report['config']['max_new_tokens']} new tokens")
-    for col in ("method", "tok/s", "decode tok/s", "vs ar", "vs hf", "accept", "tokens/round", "= ar"):
+    cols = ("method", "tok/s", "decode tok/s", "vs ar", "vs hf", "accept", "tokens/round", "= ar", "PPL", "peak MB")
+    for col in cols:
         t.add_column(col, justify="right")
     for name, m in report["methods"].items():
         t.add_row(
@@ -290,5 +345,7 @@ def _print_table(console, report, Table) -> None:
             f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",
             f"{m['mean_accepted_length']:.2f}" if "mean_accepted_length" in m else "-",
             {True: "yes", False: "NO"}.get(m.get("identical_to_ar"), "-"),
+            f"{m['perplexity']:.3f}" if m.get("perplexity") else "-",
+            f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
         )
     console.print(t)

@@ -1,0 +1,55 @@
+"""The seed README's benchmark entry points, as aliases of ``cascade bench``::
+
+python -m speculative_cascade.benchmarks.run_benchmarks --output results/
+python -m speculative_cascade.benchmarks.compare_methods --methods cascade,standard --sequences 26
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# The seed papers' method names -> this project's bench methods.
+ALIASES = {"cascade": "chain", "standard": "spec", "speculative": "spec", "autoregressive": "ar", "baseline": "ar"}
+UNSUPPORTED = {"medusa", "eagle"}
+ALL_METHODS = "hf,hf-pld,hf-assisted,ar,spec,spec4,mag,chain,tree,csd,auto"
+
+
+def bench_argv(args: argparse.Namespace, methods: str) -> list[str]:
+    names = []
+    for m in (x.strip().lower() for x in methods.split(",") if x.strip()):
+        if m in UNSUPPORTED:
+            raise SystemExit(f"error: method {m!r} needs trained heads this project does not ship")
+        names.append(ALIASES.get(m, m))
+    if "ar" not in names:  # the reference every other method's speed and output are compared with
+        names.insert(0, "ar")
+    argv = ["bench", "--methods", ",".join(names), "--max-new-tokens", str(args.max_new_tokens)]
+    if args.dataset not in (None, "spec_bench", "spec-bench"):
+        argv += ["--prompts", args.dataset]
+    if args.sequences:
+        argv += ["--per-category", str(max(1, args.sequences // 13))]
+    if args.output:
+        argv += ["--json", f"{args.output.rstrip('/')}/report.json"]
+    if args.target:
+        argv += ["--target", args.target]
+    return argv
+
+
+def parser(prog: str, default_methods: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Alias of `cascade bench` (see `cascade bench --help`).")
+    p.add_argument("--dataset", default=None, help="Spec-Bench JSONL file (default: the Spec-Bench prompts)")
+    p.add_argument("--methods", default=default_methods, required=default_methods is None)
+    p.add_argument("--sequences", type=int, default=0, help="about this many prompts (13 categories)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--output", default=None, help="folder for report.json")
+    p.add_argument("--target", default=None)
+    p.add_argument("--hardware", default=None, help="accepted for compatibility; the machine is measured")
+    return p
+
+
+def run(prog: str, default_methods: str | None, argv: list[str] | None = None) -> None:
+    from ..cli import main
+
+    args = parser(prog, default_methods).parse_args(argv)
+    sys.argv = ["cascade", *bench_argv(args, args.methods)]
+    main()
