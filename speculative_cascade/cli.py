@@ -274,6 +274,9 @@ def bench(
     cascade: Optional[Path] = typer.Option(None, "--cascade", help="Also bench this cascade file as 'custom'."),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
+    report_dir: Optional[Path] = typer.Option(
+        None, "--report", help="Write report.json, report.md and PNG plots into this folder."
+    ),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the methods and exit."),
 ) -> None:
     """Benchmark methods on Spec-Bench prompts: tokens/s, acceptance, greedy identity with 'ar'."""
@@ -305,6 +308,12 @@ def bench(
         except OSError as e:
             _fail(f"cannot write {json_path}: {e.strerror}")
         typer.echo(f"report written to {json_path}", err=True)
+    if report_dir is not None:
+        from .bench.report import write
+
+        with _user_errors(report_dir):
+            files = write(report, report_dir)
+        typer.echo(f"report written to {', '.join(str(f) for f in files)}", err=True)
 
 
 @app.command()

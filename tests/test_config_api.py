@@ -289,6 +289,8 @@ def test_bench_cascade_methods(tmp_path, tiny_model_dir, tiny_ckpt):
         cfg,
         "--json",
         out,
+        "--report",
+        tmp_path / "rep",
     )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
@@ -297,6 +299,10 @@ def test_bench_cascade_methods(tmp_path, tiny_model_dir, tiny_ckpt):
     assert [s["name"] for s in rep["methods"]["chain"]["stages"]] == ["mag", "int8", "target"]
     assert rep["config"]["cascades"]["custom"].startswith("tree")
     assert rep["methods"]["auto"]["predicted_decode_tokens_per_s"] > 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Table 1" in md and "## Throughput breakdown: chain" in md and "| auto |" in md
+    for png in ("speedup.png", "acceptance.png", "predicted.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "per-stage breakdown" in r.stderr
     bad = invoke("bench", "--prompts", prompts, "--methods", "custom", "-t", tiny_model_dir)
     one_line_error(bad, "needs --cascade")
