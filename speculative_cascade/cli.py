@@ -285,7 +285,7 @@ def bench(
 
     if list_methods:
         for name, cls in METHODS.items():
-            typer.echo(f"{name:8s} {cls.description}")
+            typer.echo(f"{name:12s} {cls.description}")
         return
     try:
         report = run_bench(
