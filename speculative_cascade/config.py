@@ -123,29 +123,34 @@ class CascadeConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CascadeConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CascadeError(f"cascade file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            elif path.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import tomllib
-
-                data = tomllib.loads(text)
-        except Exception as e:  # each parser has its own error type
-            raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
-        if not isinstance(data, dict):
-            raise CascadeError(f"{path}: expected a table of cascade settings")
-        return cls.from_dict(data)
+        return cls.from_dict(read_settings(path))
 
     def with_(self, **kw) -> "CascadeConfig":
         return replace(self, **kw)
+
+
+def read_settings(path: str | Path) -> dict:
+    """The settings table of a TOML, YAML or JSON cascade file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CascadeError(f"cascade file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as e:  # each parser has its own error type
+        raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise CascadeError(f"{path}: expected a table of cascade settings")
+    return data
 
 
 def load_cascade(spec) -> CascadeConfig | None:
@@ -153,23 +158,11 @@ def load_cascade(spec) -> CascadeConfig | None:
     (``cascade tune`` writes that when plain decoding is fastest)."""
     if spec is None or isinstance(spec, CascadeConfig):
         return spec
-    if not isinstance(spec, dict):
-        path = Path(spec)
-        if not path.is_file():
-            raise CascadeError(f"cascade file not found: {path}")
-        if path.suffix == ".toml":
-            import tomllib
-
-            try:
-                spec = tomllib.loads(path.read_text(encoding="utf-8"))
-            except Exception as e:
-                raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e
-        else:
-            return CascadeConfig.from_file(path)
-    body = spec.get("cascade", spec)
+    settings = spec if isinstance(spec, dict) else read_settings(spec)
+    body = settings.get("cascade", settings)
     if isinstance(body, dict) and "stages" in body and not body["stages"]:
         return None
-    return CascadeConfig.from_dict(spec)
+    return CascadeConfig.from_dict(settings)
 
 
 def parse_k(text: str) -> tuple[int, ...]:

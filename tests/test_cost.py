@@ -105,6 +105,12 @@ def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
 def test_plain_decoding_file(tmp_path):
     from speculative_cascade.config import load_cascade
 
-    f = tmp_path / "plain.toml"
-    f.write_text("[cascade]\nstages = []\n")
-    assert load_cascade(f) is None
+    for name, text in (
+        ("plain.toml", "[cascade]\nstages = []\n"),
+        ("plain.yaml", "stages: []\n"),
+        ("plain.json", '{"cascade": {"stages": []}}'),
+    ):
+        f = tmp_path / name
+        f.write_text(text)
+        assert load_cascade(f) is None, name
+    assert load_cascade({"stages": ["int8"], "k": [4]}).k == (4,)
