@@ -339,6 +339,7 @@ class TreeRound:
     def _filter(self, ids, tokens, parents):
         """Score the tree with the filter stage; return the kept subtree (tokens, parents)."""
         logp = torch.log_softmax(self.filter.score_tree(ids, tokens, parents), dim=-1)  # (N + 1, V)
+        n_proposed = len(tokens)  # the proposer's nodes; refinement nodes are appended after them
         cum = [0.0] * len(tokens)
         for i, (t, par) in enumerate(zip(tokens, parents)):
             cum[i] = (cum[par] if par >= 0 else 0.0) + float(logp[par + 1, t])
@@ -354,7 +355,7 @@ class TreeRound:
         order = sorted(range(len(tokens)), key=lambda i: (-cum[i], i))[: self.keep]
         kept = sorted(order)  # parents keep coming before children
         index = {old: new for new, old in enumerate(kept)}
-        self.proposer.stats.accepted += sum(1 for i in kept if i < self._n_proposed)
+        self.proposer.stats.accepted += sum(1 for i in kept if i < n_proposed)
         return [tokens[i] for i in kept], [index[parents[i]] if parents[i] >= 0 else -1 for i in kept]
 
     def run(self, target, ids, budget, params, generator, stats) -> list[int]:
@@ -369,7 +370,6 @@ class TreeRound:
             return [nxt]
         t1 = time.perf_counter()
         tokens, parents = self.proposer.propose_tree(ids, self.n_nodes, self.width)
-        self._n_proposed = len(tokens)
         if self.filter is not None:
             tokens, parents = self._filter(ids, tokens, parents)
         depth = self._depths(parents)

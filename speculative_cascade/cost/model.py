@@ -120,13 +120,12 @@ class Acceptance:
 def token_cost(costs: list[ForwardCost], accept: list[Acceptance], ks: list[int]) -> float:
     """Seconds per token produced by the top drafting stage of a chain.
 
-    costs[l], accept[l], ks[l] for stages smallest first; ``accept[l]`` is stage ``l - 1``'s
-    acceptance by stage ``l`` (``accept[0]`` unused), ``ks[l - 1]`` the tokens stage ``l - 1``
-    drafts per review by stage ``l``."""
+    costs[l], accept[l], ks[l] for stages smallest first; ``accept[l]`` is stage ``l``'s
+    acceptance by the stage above it, ``ks[l]`` the tokens stage ``l`` drafts per review by it."""
     c = costs[0](1)
     for lvl in range(1, len(costs)):
         m = ks[lvl - 1]
-        c = (m * c + costs[lvl](m + 1)) / accept[lvl].expected_tokens(m)
+        c = (m * c + costs[lvl](m + 1)) / accept[lvl - 1].expected_tokens(m)
     return c
 
 
@@ -146,8 +145,7 @@ def predict_chain(
         raise CascadeError("need one cost, acceptance and k per drafting stage")
     if any(k < 1 for k in ks):
         raise CascadeError("every k must be >= 1")
-    shifted = [Acceptance(())] + list(accept[:-1])  # stage l's reviewer-side acceptance is accept[l - 1]
-    c = token_cost(costs, shifted, ks)
+    c = token_cost(costs, accept, ks)
     k = ks[-1]
     draft_s, verify_s = k * c, target(k + 1)
     tokens = accept[-1].expected_tokens(k)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..config import CascadeConfig, build_round
 from ..errors import CascadeError
 from .calibrate import measure_forward_cost
-from .model import Acceptance, ForwardCost
+from .model import Acceptance, ForwardCost, predict_autoregressive
 
 CALIBRATION_K = 12
 K_RANGE = range(2, 17)
@@ -29,6 +29,9 @@ class Candidate:
     token_cost: float  # seconds per drafted token, measured inside the loop
     accept: Acceptance
     overhead: float  # seconds per round outside the draft and verify forwards
+    verify_per_round: float  # seconds of the target's verification per round (at k = CALIBRATION_K)
+    measured_tokens_per_s: float  # decode speed of the calibration run (at k = CALIBRATION_K)
+    correction: float = 1.0  # measured / closed form at k = CALIBRATION_K
     predictions: dict = field(default_factory=dict)  # k -> tokens/s
 
 
@@ -98,10 +101,15 @@ def _calibrate_candidate(name, settings, target, tokenizer, prompts, max_new_tok
         other += (st.total_s - st.prefill_s) - st.draft_s - st.verify_s
     if not drafted:
         raise CascadeError(f"calibration of {name} drafted nothing")
-    cand = Candidate(name, settings, draft_s / drafted, Acceptance.from_counts(acc, dr), other / rounds)
-    cand.verify_per_round = verify_s / rounds
-    cand.measured_tokens_per_s = new / decode_s  # at k = CALIBRATION_K
-    return cand
+    return Candidate(
+        name,
+        settings,
+        token_cost=draft_s / drafted,
+        accept=Acceptance.from_counts(acc, dr),
+        overhead=other / rounds,
+        verify_per_round=verify_s / rounds,
+        measured_tokens_per_s=new / decode_s,
+    )
 
 
 def tune(
@@ -146,7 +154,7 @@ def tune(
     # steady factor (caches, the CPU's clock): scale t(n) so t(k + 1) matches the loop's verify time.
     scale = sum(c.verify_per_round for c in candidates) / len(candidates) / target_cost(CALIBRATION_K + 1)
     target_cost = ForwardCost(target_cost.name, tuple((n, t * scale) for n, t in target_cost.points))
-    ar = 1.0 / target_cost(1)
+    ar = predict_autoregressive(target_cost)
     best, best_rate = None, ar * (1 + margin)
     for c in candidates:
 

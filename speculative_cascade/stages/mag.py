@@ -128,19 +128,3 @@ class MaG:
         st.proposed += len(out)
         st.seconds += time.perf_counter() - t0
         return out, None
-
-
-def bigram_from_generations(model, tokenizer, prompts: list[str], max_new_tokens: int, progress=None) -> BigramTable:
-    """A bigram table from the model's own greedy continuations of ``prompts`` (on-policy)."""
-    from ..decoding import StopChecker, eos_ids, generate_tokens
-
-    seqs = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        out, _ = generate_tokens(
-            model, ids, max_new_tokens=max_new_tokens, stop=StopChecker(eos_ids(model, tokenizer)), max_len=4096
-        )
-        seqs.append(ids + out)
-        if progress:
-            progress()
-    return BigramTable.from_sequences(seqs, model.vocab_size)

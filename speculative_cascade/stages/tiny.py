@@ -38,6 +38,18 @@ def embedding_fingerprint(emb: torch.Tensor) -> list[float]:
     return [float(e.shape[0]), float(e.shape[1]), float(e[::97].sum()), float(e[:, ::7].abs().sum())]
 
 
+def fingerprint_matches(emb: torch.Tensor, fingerprint) -> bool:
+    return all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(embedding_fingerprint(emb), fingerprint))
+
+
+def read_info(path: str | Path) -> dict:
+    """The metadata of a tiny-model checkpoint (format, sizes, embedding fingerprint, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("tiny", "{}"))
+
+
 class TinyProjection(nn.Module):
     """Embedding (frozen, shared with the target) -> Linear(d, 256) -> LayerNorm -> ReLU -> Linear(256, V)."""
 
@@ -106,8 +118,7 @@ class TinyProjection(nn.Module):
                 f"vocabulary mismatch: the tiny model is for {info['vocab_size']} tokens x {info['dim']} dims, "
                 f"the target has {V} x {d}"
             )
-        fp = embedding_fingerprint(embedding)
-        if any(abs(a - b) > 1e-3 * max(1.0, abs(b)) for a, b in zip(fp, info["embedding_fingerprint"])):
+        if not fingerprint_matches(embedding, info["embedding_fingerprint"]):
             raise CascadeError(f"{path}: the tiny model was trained on another target's embeddings")
         m = cls(embedding, hidden=info["hidden"])
         m.proj.load_state_dict({"weight": sd["proj.weight"], "bias": sd["proj.bias"]})
