@@ -280,7 +280,7 @@ class ChainRound:
         stats.verify_s += time.perf_counter() - t1
         if draft:
             feedback(self.drafter, n)
-        stats.record(len(draft), n)
+        stats.record(len(draft), n, kk)
         return draft[:n] + [nxt]
 
 
@@ -393,5 +393,5 @@ class TreeRound:
             self.filter.stats.accepted += len(path)
         else:
             self.proposer.stats.accepted += len(path)
-        stats.record(max(depth, default=0), len(path))
+        stats.record(max(depth, default=0), len(path), min(budget, self.n_nodes))
         return [tokens[j] for j in path] + [nxt]

@@ -272,6 +272,9 @@ def bench(
     draft: str = typer.Option("int8", "--draft", "-d", help="Draft for 'spec' (as in generate)."),
     k: int = typer.Option(8, "--k", "-k", help="Draft tokens per round for 'spec'."),
     cascade: Optional[Path] = typer.Option(None, "--cascade", help="Also bench this cascade file as 'custom'."),
+    predict: bool = typer.Option(
+        True, "--predict/--no-predict", help="Profile each native method on held-out prompts and print the prediction."
+    ),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     report_dir: Optional[Path] = typer.Option(
@@ -298,6 +301,7 @@ def bench(
             k=k,
             chat=chat,
             cascade=cascade,
+            predict=predict,
         )
     except CascadeError as e:
         _fail(str(e))
@@ -321,7 +325,7 @@ def tune(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     prompts: Optional[Path] = typer.Option(None, help="Calibration prompts, one per line (default: 4 shipped ones)."),
     n_prompts: int = typer.Option(4, "--n-prompts", min=1, help="How many calibration prompts to use."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=8, help="Tokens per calibration run."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=8, help="Tokens per calibration run."),
     drafts: str = typer.Option("int8,int4", help="Neural drafts to consider (comma-separated stage specs)."),
     mag: bool = typer.Option(True, "--mag/--no-mag", help="Also consider MaG in front of each draft."),
     out: Path = typer.Option(Path("cascade.toml"), "--out", "-o", help="Where to write the best configuration."),

@@ -31,6 +31,7 @@ class GenerationStats:
     accepted: int = 0  # draft tokens accepted
     accepted_by_position: list[int] = field(default_factory=list)  # accepted[i]: drafts at position i accepted
     drafted_by_position: list[int] = field(default_factory=list)
+    budgeted_by_position: list[int] = field(default_factory=list)  # rounds whose token budget allowed position i
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -38,16 +39,18 @@ class GenerationStats:
     stop_reason: str = ""
     stages: list[StageStats] = field(default_factory=list)  # drafting stages, smallest first, then the target
 
-    def record(self, positions: int, accepted: int) -> None:
-        """One target verification of ``positions`` drafted positions, ``accepted`` of them accepted."""
+    def record(self, positions: int, accepted: int, budget: int | None = None) -> None:
+        """One target verification of ``positions`` drafted positions, ``accepted`` of them accepted;
+        ``budget``: the positions the round could have drafted (a drafter may propose fewer)."""
+        budget = max(positions, budget or 0)
         self.rounds += 1
         self.drafted += positions
         self.accepted += accepted
-        while len(self.drafted_by_position) < positions:
-            self.drafted_by_position.append(0)
-            self.accepted_by_position.append(0)
-        for i in range(positions):
-            self.drafted_by_position[i] += 1
+        for counts in (self.drafted_by_position, self.accepted_by_position, self.budgeted_by_position):
+            counts.extend([0] * (budget - len(counts)))
+        for i in range(budget):
+            self.budgeted_by_position[i] += 1
+            self.drafted_by_position[i] += i < positions
             self.accepted_by_position[i] += i < accepted
 
     @property

@@ -114,3 +114,63 @@ def test_plain_decoding_file(tmp_path):
         f.write_text(text)
         assert load_cascade(f) is None, name
     assert load_cascade({"stages": ["int8"], "k": [4]}).k == (4,)
+
+
+def test_forward_cost_grows_with_the_context():
+    t = ForwardCost("x", ((1, 0.010), (9, 0.020)), context=100, slope=((1, 1e-5), (9, 5e-5)))
+    assert t(1) == 0.010 and t(1, 100) == 0.010
+    assert math.isclose(t(1, 600), 0.010 + 500 * 1e-5) and math.isclose(t(9, 300), 0.020 + 200 * 5e-5)
+    assert math.isclose(t(5, 200), 0.015 + 100 * 3e-5)  # the slope interpolates in n too
+    assert math.isclose(t.scaled(2.0)(9, 300), 2 * t(9, 300))
+
+
+def test_generation_rate_charges_the_cut_last_round():
+    from speculative_cascade.cost.model import generation_rate
+
+    assert math.isclose(generation_rate(1.0, 0.03, 128), 1 / 0.03)  # autoregressive: exactly N rounds
+    assert math.isclose(generation_rate(8.0, 0.1), 80.0)
+    assert math.isclose(generation_rate(8.0, 0.1, 128), 128 / ((16 + 0.5 * 7 / 8) * 0.1))
+    assert generation_rate(8.0, 0.1, 32) < generation_rate(8.0, 0.1, 128) < 80.0
+
+
+def test_budgeted_positions_count_a_drafter_that_proposes_nothing_as_rejected():
+    from speculative_cascade.decoding import GenerationStats
+
+    st = GenerationStats()
+    st.record(0, 0, 4)  # a drafter with nothing to say (MaG without a match)
+    st.record(4, 2, 4)
+    st.record(2, 2, 2)  # the token budget allowed only 2 positions
+    assert st.budgeted_by_position == [3, 3, 2, 2]
+    assert st.drafted_by_position == [2, 2, 1, 1]
+    acc = Acceptance.from_counts(st.accepted_by_position, st.budgeted_by_position)
+    assert acc.survive == (2 / 3, 2 / 3, 0.0, 0.0)
+
+
+def _profile(rnd, target, prompts, n=16):
+    from speculative_cascade.cost.calibrate import measure_target_cost, profile_round
+
+    stage = ModelStage(target, 256, name="target")
+    cost = measure_target_cost(stage, prompts, 256, short=8, long=64)
+    return profile_round("x", rnd, stage, prompts, cost, max_new_tokens=n, max_len=256)
+
+
+def test_profile_of_an_exact_drafter_and_its_closed_form():
+    from speculative_cascade.cascade import ChainRound
+
+    target = tiny_native(seed=0)
+    prompts = [[5, 17, 42, 7], [3, 9, 11]]
+    exact = _profile(ChainRound(ModelStage(target, 256, name="same"), 4), target, prompts)
+    assert exact.accept.survive == (1.0, 1.0, 1.0, 1.0) and exact.drafts.survive == (1.0,) * 4
+    assert exact.context_forwards > 0  # a self-draft's forwards grow with the context
+    p = exact.predict()
+    assert math.isclose(p["tokens_per_round"], 5.0) and math.isclose(exact.drafted(4), 4.0)
+    assert math.isclose(p["round_s"], p["draft_s"] + p["verify_s"] + exact.overhead)
+    assert math.isclose(p["draft_s"], 4 * exact.token_cost)
+    # the verification term is the measured one at the calibrated k; longer contexts cost more
+    assert math.isclose(p["verify_s"], exact.verify_per_round, rel_tol=0.35)
+    assert exact.predict(context=exact.context + 200)["round_s"] > p["round_s"]
+    assert exact.predict(k=2)["tokens_per_round"] == 3.0
+    # a drafter the target never agrees with: one token a round, whatever k
+    wrong = _profile(ChainRound(ModelStage(tiny_native(seed=7), 256, name="other"), 4), target, prompts)
+    assert wrong.accept.expected_tokens(4) < 1.5
+    assert wrong.predict()["tokens_per_s"] < exact.predict()["tokens_per_s"]

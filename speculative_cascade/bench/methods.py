@@ -31,8 +31,10 @@ class BenchContext:
         self.tokenizer = loaded.tokenizer
         self._draft = None
         self.cascades: dict = {}  # method name -> CascadeConfig overriding the method's own
-        self.predicted: dict = {}  # method name -> cost-model prediction of its decode tokens/s
-        self.calibration_prompts: list[str] = []  # for 'auto': same distribution, not benchmarked
+        self.predicted: dict = {}  # method name -> the cost model's prediction (decode tokens/s and parts)
+        self.calibration_prompts: list[list[int]] = []  # token ids; same distribution, not benchmarked
+        self.context: float | None = None  # the benchmark's mean context length while decoding
+        self.target_cost = None  # the target's t(n, L), measured once
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
 
     @property
@@ -183,7 +185,7 @@ class Custom(Cascade):
 
 class Auto(Native):
     """``cascade tune`` at start-up, then its choice. It calibrates on prompts of the benchmark's file that
-    the benchmark does not run (one per category, up to 6), else on the shipped instructions."""
+    the benchmark does not run (one per category), else on the shipped instructions."""
 
     name = "auto"
     description = "the configuration `cascade tune` picks on this machine (calibrated when the method starts)"
@@ -195,15 +197,16 @@ class Auto(Native):
         from ..distill import read_prompts
 
         tok = self.ctx.tokenizer
-        chat = bool(getattr(tok, "chat_template", None))
-        ids = []
-        for text in self.ctx.calibration_prompts or read_prompts(None)[:4]:
-            if chat:
-                text = tok.apply_chat_template(
-                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-                )
-            ids.append(tok.encode(text, add_special_tokens=not chat))
-        self.tuned = tune(self.ctx.target, tok, ids, max_len=self.ctx.max_len)
+        ids = self.ctx.calibration_prompts
+        if not ids:
+            chat = bool(getattr(tok, "chat_template", None))
+            for text in read_prompts(None)[:4]:
+                if chat:
+                    text = tok.apply_chat_template(
+                        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                    )
+                ids.append(tok.encode(text, add_special_tokens=not chat))
+        self.tuned = tune(self.ctx.target, tok, ids, max_len=self.ctx.max_len, context=self.ctx.context)
         if self.tuned.config is None:
             return ChainRound()
         return build_round(self.tuned.config, self.ctx.target, tok, self.ctx.max_len, cache=self.ctx.shared)[0]

@@ -14,6 +14,7 @@ import torch
 from ..errors import CascadeError
 from .methods import METHODS, BenchContext
 
+CALIBRATION_TOKENS = 48  # new tokens per calibration prompt
 DEFAULT_PROMPTS = Path("..") / "shared" / "data" / "spec_bench" / "question.jsonl"
 
 
@@ -68,6 +69,7 @@ def run_bench(
     max_len: int = 4096,
     quiet: bool = False,
     cascade=None,
+    predict: bool = True,
 ) -> dict:
     from rich.console import Console
     from rich.progress import Progress
@@ -98,8 +100,6 @@ def run_bench(
     ctx = BenchContext(loaded, draft, k, max_len)
     if cascade is not None:
         ctx.cascades["custom"] = cascade
-    if "auto" in methods:
-        ctx.calibration_prompts = _held_out(prompts, rows)
 
     def encode(text: str) -> list[int]:
         if chat and getattr(tok, "chat_template", None):
@@ -116,6 +116,13 @@ def run_bench(
     rows = [r for r in rows if len(r["ids"]) <= limit]
     if skipped:
         console.print(f"skipping {len(skipped)} prompt(s) longer than {limit} tokens: {skipped}")
+    if predict or "auto" in methods:
+        from ..distill import read_prompts
+
+        texts = _held_out(prompts, rows) or read_prompts(None)[:4]
+        ctx.calibration_prompts = [ids for ids in map(encode, texts) if len(ids) <= limit]
+        # the workload the predictions are for: the benchmark's mean context while decoding
+        ctx.context = sum(len(r["ids"]) + max_new_tokens / 2 for r in rows) / len(rows)
     # 'ar' first: the others are compared with it.
     order = sorted(dict.fromkeys(methods), key=lambda m: m != "ar")
     results: dict[str, list] = {}
@@ -127,8 +134,11 @@ def run_bench(
             tuned = getattr(method, "tuned", None)
             if tuned is not None:
                 ctx.cascades[name] = tuned.config
-                ctx.predicted[name] = tuned.predicted_tokens_per_s
             method.run(encode("Hello"), 8)  # warm-up
+            if predict and hasattr(method, "round"):
+                task = progress.add_task(f"{name:6s} calibrating", total=None)
+                ctx.predicted[name] = _predict(ctx, method, max_new_tokens)
+                progress.remove_task(task)
             task = progress.add_task(f"{name:6s}", total=len(rows))
             results[name] = []
             for r in rows:
@@ -192,17 +202,49 @@ def _perplexities(target, rows, results, order, advance) -> dict[str, float | No
     return {n: (math.exp(t / c) if c else None) for n, (t, c) in totals.items()}
 
 
-def _held_out(path, rows, n: int = 6) -> list[str]:
-    """One prompt per category (up to ``n``) from the same file that the benchmark does not run."""
+def _held_out(path, rows) -> list[str]:
+    """One prompt per category from the same file that the benchmark does not run."""
     used = {r["id"] for r in rows}
     seen, out = set(), []
     for r in load_prompts(path, 0):
         if r["id"] not in used and r["category"] not in seen:
             seen.add(r["category"])
             out.append(r["prompt"])
-        if len(out) >= n:
-            break
     return out
+
+
+def _predict(ctx, method, max_new_tokens: int) -> dict:
+    """The cost model's prediction for a native method: its rounds profiled on the calibration
+    prompts (never the benchmarked ones), predicted for the benchmark's context and length."""
+    from ..cost.calibrate import measure_target_cost, profile_round
+
+    if ctx.target_cost is None:
+        ctx.target_cost = measure_target_cost(method.target_stage, ctx.calibration_prompts, ctx.max_len)
+    tuned = getattr(method, "tuned", None)
+    if tuned is not None:  # 'auto': the profile tune chose, at the k it chose
+        profile, k = tuned.profile, (tuned.config.k[-1] if tuned.config is not None else 0)
+    else:
+        profile = profile_round(
+            method.name,
+            method.round,
+            method.target_stage,
+            ctx.calibration_prompts,
+            ctx.target_cost,
+            max_new_tokens=CALIBRATION_TOKENS,
+            max_len=ctx.max_len,
+            eos=ctx.eos_ids(),
+        )
+        k = None
+    p = profile.predict(k, ctx.context, max_new_tokens)
+    return {
+        "decode_tokens_per_s": p["tokens_per_s"],
+        "tokens_per_round": p["tokens_per_round"],
+        "round_ms": p["round_s"] * 1e3,
+        "draft_ms": p["draft_s"] * 1e3,
+        "verify_ms": p["verify_s"] * 1e3,
+        "overhead_ms": p["overhead_s"] * 1e3,
+        "calibration_tokens_per_s": profile.measured_tokens_per_s,
+    }
 
 
 def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
@@ -262,7 +304,10 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             m["time_verify_s"] = sum(s["verify_s"] for s in stats)
             m["stages"] = _stage_totals(stats)
         if name in ctx.predicted:
-            m["predicted_decode_tokens_per_s"] = ctx.predicted[name]
+            m["predicted"] = ctx.predicted[name]
+            m["predicted_decode_tokens_per_s"] = ctx.predicted[name]["decode_tokens_per_s"]
+            if m.get("decode_tokens_per_s"):
+                m["prediction_error"] = m["predicted_decode_tokens_per_s"] / m["decode_tokens_per_s"] - 1
         if ref is not None:
             same = [r.token_ids == a.token_ids for r, a in zip(res, ref)]
             m["identical_to_ar"] = all(same)
@@ -332,7 +377,19 @@ def _print_stages(console, report, Table) -> None:
 
 def _print_table(console, report, Table) -> None:
     t = Table(title=f"{report['config']['prompts']} prompts, {report['config']['max_new_tokens']} new tokens")
-    cols = ("method", "tok/s", "decode tok/s", "vs ar", "vs hf", "accept", "tokens/round", "= ar", "PPL", "peak MB")
+    cols = (
+        "method",
+        "tok/s",
+        "decode tok/s",
+        "predicted",
+        "vs ar",
+        "vs hf",
+        "accept",
+        "tokens/round",
+        "= ar",
+        "PPL",
+        "peak MB",
+    )
     for col in cols:
         t.add_column(col, justify="right")
     for name, m in report["methods"].items():
@@ -340,6 +397,9 @@ def _print_table(console, report, Table) -> None:
             name,
             f"{m['tokens_per_s']:.1f}",
             f"{m['decode_tokens_per_s']:.1f}" if m.get("decode_tokens_per_s") else "-",
+            f"{m['predicted_decode_tokens_per_s']:.1f} ({m['prediction_error']:+.0%})"
+            if "prediction_error" in m
+            else "-",
             f"{m.get('speedup_vs_ar', 0):.2f}x" if "speedup_vs_ar" in m else "-",
             f"{m.get('speedup_vs_hf', 0):.2f}x" if "speedup_vs_hf" in m else "-",
             f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",

@@ -1,22 +1,189 @@
-"""Short measurements that calibrate the cost model on this machine."""
+"""Short measurements that calibrate the cost model on this machine.
+
+* :func:`measure_forward_cost` - ``t(n, L)`` of a model stage, timed directly;
+* :func:`profile_round` - what one configuration's rounds cost and yield, from a few
+  generations on calibration prompts (:class:`RoundProfile`), and its prediction at any
+  ``k``, context length and generation length.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
-from .model import ForwardCost
+from ..errors import CascadeError
+from .model import Acceptance, ForwardCost, generation_rate
 
 
-def measure_forward_cost(stage, context: list[int], ns=(1, 2, 3, 5, 9, 17), reps: int = 7) -> ForwardCost:
+def measure_forward_cost(
+    stage, context: list[int], ns=(1, 2, 3, 5, 9, 17), reps: int = 7, long_context: list[int] | None = None
+) -> ForwardCost:
     """``t(n)`` of a :class:`~..stages.model.ModelStage` (or any stage with ``score``): the median of
-    ``reps`` forwards over ``n`` new tokens after ``context`` (cached once, rolled back each time)."""
-    stage.score(context[:-1], [])  # the context is in the cache; every timed call rolls back to it
-    filler = context[-1:]
-    times: dict[int, list[float]] = {n: [] for n in ns}
-    for _ in range(reps):  # interleaved, so drifts of the machine hit every n alike
-        for n in ns:
-            t0 = time.perf_counter()
-            stage.score(context, filler * (n - 1))
-            times[n].append(time.perf_counter() - t0)
-    return ForwardCost(getattr(stage, "name", "stage"), tuple((n, statistics.median(v)) for n, v in times.items()))
+    ``reps`` forwards over ``n`` new tokens after ``context`` (cached once, rolled back each time).
+    With ``long_context``, also measured after it: the difference per context token is the slope."""
+
+    def at(ctx: list[int]) -> dict[int, float]:
+        stage.score(ctx[:-1], [])  # the context is in the cache; every timed call rolls back to it
+        filler = ctx[-1:]
+        times: dict[int, list[float]] = {n: [] for n in ns}
+        for _ in range(reps):  # interleaved, so drifts of the machine hit every n alike
+            for n in ns:
+                t0 = time.perf_counter()
+                stage.score(ctx, filler * (n - 1))
+                times[n].append(time.perf_counter() - t0)
+        return {n: statistics.median(v) for n, v in times.items()}
+
+    short = at(context)
+    slope = ()
+    if long_context is not None and len(long_context) > len(context):
+        long = at(long_context)
+        extra = len(long_context) - len(context)
+        slope = tuple((n, max(long[n] - short[n], 0.0) / extra) for n in ns)
+    return ForwardCost(getattr(stage, "name", "stage"), tuple(short.items()), len(context), slope)
+
+
+def measure_target_cost(
+    target_stage, prompts: list[list[int]], max_len: int, short: int = 64, long: int = 768
+) -> ForwardCost:
+    """The target's ``t(n, L)`` for the cost model: ``n`` up to 17, at a ``short`` and a ``long`` context
+    (token ids taken from the prompts; what they say does not change the cost)."""
+    pool = [t for ids in prompts for t in ids] or [0]
+    long = min(long, max_len - 32)
+    ids = (pool * (long // len(pool) + 1))[:long]
+    return measure_forward_cost(target_stage, ids[:short], ns=(1, 2, 3, 5, 9, 13, 17), reps=5, long_context=ids)
+
+
+@dataclass
+class RoundProfile:
+    """One configuration's rounds on this machine, measured on calibration prompts.
+
+    The prediction (:meth:`predict`) is the closed form of ``model.py``: a round drafts
+    ``m(k)`` tokens at ``token_cost`` each (tree: the measured drafting time per round), the
+    target verifies them in one forward ``t_T(m(k) + 1, L)``, the loop adds ``overhead``; it
+    yields ``E(k) = 1 + sum_{i<k} P_i`` tokens. Forwards of self-drafts (INT8/4-bit copies,
+    the same attention as the target) grow with the context as the target's do."""
+
+    name: str
+    tree: bool
+    k: int  # positions a full round may draft (tree: its node budget)
+    accept: Acceptance  # P_i: positions 0..i drafted and accepted by the target (tree: path depth)
+    drafts: Acceptance  # D_i: position i drafted (a drafter may propose fewer than k)
+    token_cost: float  # drafting seconds per drafted token
+    draft_per_round: float
+    verify_per_round: float
+    overhead: float  # seconds per round outside drafting and verification
+    context_forwards: float  # per drafted token (tree: per round): forwards whose cost grows with the context
+    context_tokens: float  # tokens per such forward
+    context: float  # mean context length while decoding
+    new_tokens: float  # mean new tokens per prompt
+    measured_tokens_per_s: float  # decode speed of the calibration runs
+    target_cost: ForwardCost  # the target's t(n, L), scaled to match the verification inside the loop
+
+    def drafted(self, k: int) -> float:
+        """``m(k)``: tokens a full round of ``k`` drafts on average."""
+        return sum(self.drafts._p(i) for i in range(k))
+
+    def predict(self, k: int | None = None, context: float | None = None, new_tokens: float | None = None) -> dict:
+        """Predicted decode tokens/s (and its parts) at ``k`` drafted positions per round, a mean
+        context of ``context`` tokens and generations of ``new_tokens`` tokens (defaults: as calibrated)."""
+        k = self.k if k is None or self.tree else k
+        context = self.context if context is None else context
+        new_tokens = self.new_tokens if new_tokens is None else new_tokens
+        grow = context - self.context
+        if self.tree:
+            draft = self.draft_per_round + self.context_forwards * self.target_cost.slope_at(self.context_tokens) * grow
+            verify = self.verify_per_round + self.target_cost.slope_at(self.context_tokens) * grow
+        else:
+            m = self.drafted(k)
+            per_token = self.token_cost + self.context_forwards * self.target_cost.slope_at(self.context_tokens) * grow
+            draft = m * per_token
+            verify = self.target_cost(m + 1, context)
+        tokens = self.accept.expected_tokens(k)
+        round_s = draft + verify + self.overhead
+        return {
+            "tokens_per_s": generation_rate(tokens, round_s, new_tokens),
+            "tokens_per_round": tokens,
+            "round_s": round_s,
+            "draft_s": draft,
+            "verify_s": verify,
+            "overhead_s": self.overhead,
+        }
+
+
+def profile_round(
+    name: str,
+    rnd,
+    target_stage,
+    prompts: list[list[int]],
+    target_cost: ForwardCost,
+    *,
+    max_new_tokens: int = 48,
+    max_len: int = 2048,
+    eos=(),
+) -> RoundProfile:
+    """Run ``rnd`` (a chain or tree round) on ``prompts`` and summarise its rounds.
+
+    ``target_cost``: the target's standalone ``t(n, L)``; it is scaled so that it matches the
+    verification time measured here."""
+    from ..decoding import StopChecker, generate_tokens
+
+    tree = not hasattr(rnd, "k")
+    k = rnd.n_nodes if tree else rnd.k
+    acc, dr, bud = [0] * k, [0] * k, [0] * k
+    totals = dict(draft=0.0, verify=0.0, other=0.0, drafted=0, rounds=0, new=0, decode=0.0, context=0.0)
+    cfw = ctok = 0
+    for ids in prompts:
+        _, st = generate_tokens(
+            target_stage.model,
+            ids,
+            round=rnd,
+            max_new_tokens=max_new_tokens,
+            stop=StopChecker(eos),
+            max_len=max_len,
+            target_stage=target_stage,
+        )
+        for i in range(min(k, len(st.budgeted_by_position))):
+            acc[i] += st.accepted_by_position[i]
+            dr[i] += st.drafted_by_position[i]
+            bud[i] += st.budgeted_by_position[i]
+        decode = st.total_s - st.prefill_s
+        totals["draft"] += st.draft_s
+        totals["verify"] += st.verify_s
+        totals["other"] += decode - st.draft_s - st.verify_s
+        totals["drafted"] += st.drafted
+        totals["rounds"] += st.rounds
+        totals["new"] += st.new_tokens
+        totals["decode"] += decode
+        totals["context"] += st.rounds * (len(ids) + st.new_tokens / 2)
+        for s in st.stages[:-1]:  # the drafting stages (the last is the target)
+            if s.attends:
+                cfw += s.forwards
+                ctok += s.tokens_in
+    rounds = totals["rounds"]
+    if not rounds or not totals["decode"]:
+        raise CascadeError(f"calibration of {name} generated nothing")
+    context = totals["context"] / rounds
+    drafts = Acceptance.from_counts(dr, bud)
+    per_round_verify = totals["verify"] / rounds
+    mean_verified = totals["drafted"] / rounds + 1
+    # tree-masked forwards take another code path: their time per round is used as measured
+    scale = 1.0 if tree else per_round_verify / max(target_cost(mean_verified, context), 1e-9)
+    unit = rounds if tree else max(totals["drafted"], 1)
+    return RoundProfile(
+        name=name,
+        tree=tree,
+        k=k,
+        accept=Acceptance.from_counts(acc, bud),
+        drafts=drafts,
+        token_cost=totals["draft"] / max(totals["drafted"], 1),
+        draft_per_round=totals["draft"] / rounds,
+        verify_per_round=per_round_verify,
+        overhead=totals["other"] / rounds,
+        context_forwards=cfw / unit,
+        context_tokens=ctok / cfw if cfw else 1.0,
+        context=context,
+        new_tokens=totals["new"] / len(prompts),
+        measured_tokens_per_s=totals["new"] / totals["decode"],
+        target_cost=target_cost.scaled(scale),
+    )

@@ -26,31 +26,56 @@ from dataclasses import dataclass
 from ..errors import CascadeError
 
 
+def _interp(pts: tuple[tuple[int, float], ...], n: int) -> float:
+    """Linear interpolation in sorted ``(n, value)`` points; linear extrapolation beyond the last two."""
+    if len(pts) == 1 or n <= pts[0][0]:
+        return pts[0][1]
+    ns = [p[0] for p in pts]
+    i = bisect_left(ns, n)
+    if i < len(ns) and ns[i] == n:
+        return pts[i][1]
+    (n0, t0), (n1, t1) = (pts[i - 1], pts[i]) if i < len(ns) else (pts[-2], pts[-1])
+    return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+
+
 @dataclass(frozen=True)
 class ForwardCost:
-    """``t(n)``: seconds for one forward over ``n`` new tokens, from measured ``(n, seconds)`` points.
+    """``t(n, L)``: seconds for one forward over ``n`` new tokens after ``L`` cached ones.
 
-    Between points: linear interpolation; beyond the last: linear extrapolation from the
-    last two (compute-bound regime, cost grows with n)."""
+    ``points`` are measured ``(n, seconds)`` at context ``context``: linear interpolation
+    between them, linear extrapolation from the last two (compute-bound regime). ``slope``
+    (``(n, seconds per context token)``, measured at a second, longer context) adds the part
+    that grows with the context - attention reads ``L`` cached keys and values for each of the
+    ``n`` tokens: ``t(n, L) = t(n) + slope(n) (L - context)``."""
 
     name: str
     points: tuple[tuple[int, float], ...]
+    context: int = 0
+    slope: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.points:
             raise CascadeError(f"no cost points for {self.name}")
         object.__setattr__(self, "points", tuple(sorted((int(n), float(t)) for n, t in self.points)))
+        object.__setattr__(self, "slope", tuple(sorted((int(n), float(s)) for n, s in self.slope)))
 
-    def __call__(self, n: int) -> float:
-        pts = self.points
-        if len(pts) == 1 or n <= pts[0][0]:
-            return pts[0][1]
-        ns = [p[0] for p in pts]
-        i = bisect_left(ns, n)
-        if i < len(ns) and ns[i] == n:
-            return pts[i][1]
-        (n0, t0), (n1, t1) = (pts[i - 1], pts[i]) if i < len(ns) else (pts[-2], pts[-1])
-        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+    def __call__(self, n: float, context: float | None = None) -> float:
+        t = _interp(self.points, n)
+        if context is not None and self.slope:
+            t += _interp(self.slope, n) * (context - self.context)
+        return max(t, 0.0)
+
+    def slope_at(self, n: float) -> float:
+        """Seconds per context token of a forward over ``n`` tokens (0 when not measured)."""
+        return _interp(self.slope, n) if self.slope else 0.0
+
+    def scaled(self, factor: float) -> "ForwardCost":
+        return ForwardCost(
+            self.name,
+            tuple((n, t * factor) for n, t in self.points),
+            self.context,
+            tuple((n, s * factor) for n, s in self.slope),
+        )
 
     @classmethod
     def roofline(
@@ -91,9 +116,12 @@ class Acceptance:
         return cls(tuple(a ** (i + 1) for i in range(k)))
 
     @classmethod
-    def from_counts(cls, accepted_by_position, drafted_by_position) -> "Acceptance":
-        """From ``GenerationStats`` counters (or bench totals); positions never drafted repeat the last rate's decay."""
-        s = [a / d for a, d in zip(accepted_by_position, drafted_by_position) if d]
+    def from_counts(cls, accepted_by_position, budgeted_by_position) -> "Acceptance":
+        """From ``GenerationStats`` counters: ``accepted[i] / budgeted[i]``, the share of the rounds that
+        could draft position ``i`` in which positions ``0..i`` were drafted and accepted (a drafter that
+        proposes nothing, as MaG without a match, counts as rejected). Positions never budgeted
+        repeat the last measured rate."""
+        s = [a / d for a, d in zip(accepted_by_position, budgeted_by_position) if d]
         return cls(tuple(s))
 
     def rate(self, i: int) -> float:
@@ -159,5 +187,19 @@ def predict_chain(
     }
 
 
-def predict_autoregressive(target: ForwardCost, overhead: float = 0.0) -> float:
-    return 1.0 / (target(1) + overhead)
+def predict_autoregressive(target: ForwardCost, overhead: float = 0.0, context: float | None = None) -> float:
+    return 1.0 / (target(1, context) + overhead)
+
+
+def generation_rate(tokens_per_round: float, round_s: float, new_tokens: float | None = None) -> float:
+    """Tokens/s of a generation whose rounds yield ``tokens_per_round`` tokens in ``round_s`` seconds.
+
+    Over ``N = new_tokens`` tokens the last round is cut short by the token budget: it costs
+    a round but yields on average only half of what a full one does, so ``N / E + (1 - 1/E) / 2``
+    rounds (exactly ``N`` for autoregressive decoding, ``E = 1``)."""
+    if round_s <= 0 or tokens_per_round <= 0:
+        return 0.0
+    if not new_tokens:
+        return tokens_per_round / round_s
+    rounds = new_tokens / tokens_per_round + 0.5 * (1.0 - 1.0 / max(tokens_per_round, 1.0))
+    return new_tokens / (rounds * round_s)

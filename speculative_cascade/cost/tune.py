@@ -1,11 +1,12 @@
 """``cascade tune``: calibrate the cost model on this machine and pick the fastest configuration.
 
-1. ``t(n)`` of the target and of each neural draft, measured (``calibrate.py``);
+1. ``t(n, L)`` of the target, measured at a short and a long context (``calibrate.py``);
 2. one short calibration generation per candidate drafter (two-stage, and MaG in front
-   of each neural draft) on a few prompts: per-position acceptance by the target, the
-   drafter's cost per token inside the loop, and the loop's overhead per round;
-3. the closed form of ``model.py`` over every ``k``; the best configuration wins, and plain
-   decoding wins when no configuration is predicted to beat it by ``margin``.
+   of each neural draft) and one autoregressive, on a few prompts: per-position acceptance
+   by the target, the drafter's cost per token inside the loop, the loop's overhead per
+   round (:class:`~.calibrate.RoundProfile`);
+3. the closed form over every ``k``; the best configuration wins, and plain decoding wins
+   when no configuration is predicted to beat it by ``margin``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..cascade import ChainRound
 from ..config import CascadeConfig, build_round
 from ..errors import CascadeError
-from .calibrate import measure_forward_cost
-from .model import Acceptance, ForwardCost, predict_autoregressive
+from .calibrate import RoundProfile, measure_target_cost, profile_round
+from .model import ForwardCost
 
 CALIBRATION_K = 12
 K_RANGE = range(2, 17)
@@ -25,14 +27,20 @@ K_RANGE = range(2, 17)
 @dataclass
 class Candidate:
     name: str
-    settings: dict  # CascadeConfig settings without the top-level k
-    token_cost: float  # seconds per drafted token, measured inside the loop
-    accept: Acceptance
-    overhead: float  # seconds per round outside the draft and verify forwards
-    verify_per_round: float  # seconds of the target's verification per round (at k = CALIBRATION_K)
-    measured_tokens_per_s: float  # decode speed of the calibration run (at k = CALIBRATION_K)
-    correction: float = 1.0  # measured / closed form at k = CALIBRATION_K
-    predictions: dict = field(default_factory=dict)  # k -> tokens/s
+    settings: dict  # CascadeConfig settings; the top-level k is what the search sets
+    profile: RoundProfile  # measured at k = CALIBRATION_K
+    predictions: dict = field(default_factory=dict)  # k -> predicted tokens/s
+
+    @property
+    def token_cost(self) -> float:
+        return self.profile.token_cost
+
+    @property
+    def overhead(self) -> float:
+        return self.profile.overhead
+
+    def config(self, k: int) -> CascadeConfig:
+        return CascadeConfig.from_dict({**self.settings, "k": [*self.settings["k"][:-1], k]})
 
 
 @dataclass
@@ -43,6 +51,8 @@ class TuneResult:
     candidates: list[Candidate]
     target_cost: ForwardCost
     seconds: float
+    profile: RoundProfile  # the chosen configuration's (plain decoding's when config is None)
+    ar_profile: RoundProfile
 
     def to_toml(self) -> str:
         lines = [
@@ -72,59 +82,23 @@ def _toml(v) -> str:
     return repr(v)
 
 
-def _calibrate_candidate(name, settings, target, tokenizer, prompts, max_new_tokens, max_len, shared, target_stage):
-    from ..decoding import StopChecker, generate_tokens
-
-    cfg = CascadeConfig.from_dict({**settings, "k": [*settings.get("k", [])[:-1], CALIBRATION_K]})
-    rnd, stages = build_round(cfg, target, tokenizer, max_len, cache=shared)
-    acc, dr = [0] * CALIBRATION_K, [0] * CALIBRATION_K
-    draft_s = drafted = rounds = other = verify_s = new = decode_s = 0.0
-    for ids in prompts:
-        _, st = generate_tokens(
-            target,
-            ids,
-            round=rnd,
-            max_new_tokens=max_new_tokens,
-            stop=StopChecker(()),
-            max_len=max_len,
-            target_stage=target_stage,
-        )
-        for i in range(min(CALIBRATION_K, len(st.accepted_by_position))):
-            acc[i] += st.accepted_by_position[i]
-            dr[i] += st.drafted_by_position[i]
-        draft_s += st.draft_s
-        verify_s += st.verify_s
-        new += st.new_tokens
-        decode_s += st.total_s - st.prefill_s
-        drafted += st.drafted
-        rounds += st.rounds
-        other += (st.total_s - st.prefill_s) - st.draft_s - st.verify_s
-    if not drafted:
-        raise CascadeError(f"calibration of {name} drafted nothing")
-    return Candidate(
-        name,
-        settings,
-        token_cost=draft_s / drafted,
-        accept=Acceptance.from_counts(acc, dr),
-        overhead=other / rounds,
-        verify_per_round=verify_s / rounds,
-        measured_tokens_per_s=new / decode_s,
-    )
-
-
 def tune(
     target,
     tokenizer,
     prompts: list[list[int]],
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     max_len: int = 2048,
     drafts=("int8", "int4"),
     with_mag: bool = True,
     margin: float = 0.05,
     progress=None,
+    context: float | None = None,
+    new_tokens: float | None = None,
 ) -> TuneResult:
-    """Calibrate and search; ``prompts`` are token ids (a handful is enough)."""
+    """Calibrate and search; ``prompts`` are token ids (a handful is enough). ``context`` and
+    ``new_tokens``: the workload to predict for (default: the calibration prompts')."""
+    from ..decoding import StopChecker, eos_ids
     from ..stages.model import ModelStage
 
     if not prompts:
@@ -132,10 +106,22 @@ def tune(
     t0 = time.perf_counter()
     shared: dict = {}
     target_stage = ModelStage(target, max_len, name="target")
-    context = max(prompts, key=len)
-    target_cost = measure_forward_cost(target_stage, context, ns=(1, 2, 3, 5, 9, 13, 17), reps=5)
+    target_cost = measure_target_cost(target_stage, prompts, max_len)
     if progress:
         progress("target forward costs")
+    eos = StopChecker(eos_ids(target, tokenizer)).eos
+    ar = profile_round(
+        "autoregressive",
+        ChainRound(),
+        target_stage,
+        prompts,
+        target_cost,
+        max_new_tokens=max_new_tokens,
+        max_len=max_len,
+        eos=eos,
+    )
+    if progress:
+        progress("autoregressive")
     plans = []
     for d in drafts:
         plans.append((f"{d}", {"stages": [d], "k": [CALIBRATION_K]}))
@@ -143,36 +129,29 @@ def tune(
             plans.append((f"mag->{d}", {"stages": ["mag:none", d], "k": [3, CALIBRATION_K], "mag_min_ngram": 2}))
     candidates = []
     for name, settings in plans:
-        candidates.append(
-            _calibrate_candidate(
-                name, settings, target, tokenizer, prompts, max_new_tokens, max_len, shared, target_stage
-            )
+        rnd, _ = build_round(CascadeConfig.from_dict(settings), target, tokenizer, max_len, cache=shared)
+        profile = profile_round(
+            name, rnd, target_stage, prompts, target_cost, max_new_tokens=max_new_tokens, max_len=max_len, eos=eos
         )
+        candidates.append(Candidate(name, settings, profile))
         if progress:
             progress(name)
-    # The standalone measurement of t(n) and the same forwards inside the loop differ by a
-    # steady factor (caches, the CPU's clock): scale t(n) so t(k + 1) matches the loop's verify time.
-    scale = sum(c.verify_per_round for c in candidates) / len(candidates) / target_cost(CALIBRATION_K + 1)
-    target_cost = ForwardCost(target_cost.name, tuple((n, t * scale) for n, t in target_cost.points))
-    ar = predict_autoregressive(target_cost)
-    best, best_rate = None, ar * (1 + margin)
+    ar_rate = ar.predict(0, context, new_tokens)["tokens_per_s"]
+    best, best_rate = None, ar_rate * (1 + margin)
     for c in candidates:
-
-        def closed_form(k: int) -> float:
-            return c.accept.expected_tokens(k) / (k * c.token_cost + target_cost(k + 1) + c.overhead)
-
-        # What the closed form misses (end-of-generation rounds, the loop's own bookkeeping) is taken
-        # as a steady factor: the one that makes it match the calibration run at its k.
-        c.correction = c.measured_tokens_per_s / closed_form(CALIBRATION_K)
         for k in K_RANGE:
-            rate = closed_form(k) * c.correction
+            rate = c.profile.predict(k, context, new_tokens)["tokens_per_s"]
             c.predictions[k] = rate
             if rate > best_rate:
                 best, best_rate = (c, k), rate
-    config = None
-    if best is not None:
-        c, k = best
-        s = dict(c.settings)
-        s["k"] = [*s["k"][:-1], k]
-        config = CascadeConfig.from_dict(s)
-    return TuneResult(config, best_rate if best else ar, ar, candidates, target_cost, time.perf_counter() - t0)
+    config = best[0].config(best[1]) if best is not None else None
+    return TuneResult(
+        config,
+        best_rate if best else ar_rate,
+        ar_rate,
+        candidates,
+        ar.target_cost,
+        time.perf_counter() - t0,
+        best[0].profile if best else ar,
+        ar,
+    )

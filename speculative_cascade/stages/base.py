@@ -37,6 +37,7 @@ class StageStats:
     proposed: int = 0  # tokens this stage proposed to the stage above it
     accepted: int = 0  # of those, accepted by the stage above
     seconds: float = 0.0  # time inside the stage's own calls
+    attends: bool = False  # the stage attends over the context (its forwards cost more as the context grows)
 
     @property
     def acceptance_rate(self) -> float:

@@ -112,7 +112,7 @@ class ModelStage:
     def __init__(self, model, max_len: int, name: str = "model") -> None:
         self.runner = ModelRunner(model, max_len)
         self.name = name
-        self.stats = StageStats(name)
+        self.stats = StageStats(name, attends=True)
         self._last = 0
 
     @property
@@ -125,7 +125,7 @@ class ModelStage:
 
     def reset(self) -> None:
         self.runner.reset()
-        self.stats = StageStats(self.name)
+        self.stats = StageStats(self.name, attends=True)
 
     def _forward(self, ids, extra=(), last_only=False) -> torch.Tensor:
         t0 = time.perf_counter()
