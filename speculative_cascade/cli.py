@@ -275,6 +275,9 @@ def bench(
     predict: bool = typer.Option(
         True, "--predict/--no-predict", help="Profile each native method on held-out prompts and print the prediction."
     ),
+    sampling_check: int = typer.Option(
+        100, "--sampling-check", help="Sampled generations per method for the distribution check (0: off)."
+    ),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     report_dir: Optional[Path] = typer.Option(
@@ -302,6 +305,7 @@ def bench(
             chat=chat,
             cascade=cascade,
             predict=predict,
+            sampling_check=sampling_check,
         )
     except CascadeError as e:
         _fail(str(e))

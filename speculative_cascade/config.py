@@ -14,7 +14,8 @@ Stages are listed smallest first and exclude the target::
     tree_keep = 8
 
 A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
-with scale and min, INT8 output projection), ``tiny`` (the tiny projection model
+with scale and min, INT8 output projection), ``fp32`` (the target's own weights with a cache
+of their own: the unquantized draft of the "no INT8" ablation), ``tiny`` (the tiny projection model
 shipped for the embedded target, or ``tiny:PATH``), ``mag`` (MaG with the shipped bigram
 table for the embedded target, ``mag:PATH`` with another, ``mag:none`` with suffix matches
 only; ``mag_min_ngram`` sets the shortest match it proposes), or any model spec (a .gguf
@@ -205,6 +206,8 @@ def make_stage(
         if kind not in cache:
             cache[kind] = (quantize_int8 if kind == "int8" else quantize_int4)(target)
         return ModelStage(cache[kind], max_len, name=kind)
+    if kind == "fp32":
+        return ModelStage(target, max_len, name="fp32")
     if kind == "tiny":
         emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
         if emb is None:

@@ -135,6 +135,12 @@ def test_bench_report(tmp_path, tiny_model_dir):
         assert rep["methods"][m]["peak_rss_mb"] is None or rep["methods"][m]["peak_rss_mb"] > 0
         assert rep["methods"][m]["tokens_per_s"] > 0
     assert "acceptance_rate" in rep["methods"]["spec"]
+    for m in ("ar", "spec"):  # the cost model's prediction, from the two prompts the run held out
+        assert rep["methods"][m]["predicted_decode_tokens_per_s"] > 0
+        assert rep["methods"][m]["predicted"]["tokens_per_round"] >= 1.0
+    assert "predicted" not in rep["methods"]["hf"]
+    check = rep["methods"]["spec"]["sampling_check"]
+    assert check["samples"] == 100 and check["p_value"] > 1e-4  # fails by chance once in 10,000 runs
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
     assert bad.exit_code == 2 and "unknown method" in bad.stderr
     prompts.write_text("not json\n")
@@ -242,3 +248,20 @@ def test_seed_benchmark_aliases(tmp_path, tiny_model_dir):
     assert set(rep["methods"]) == {"ar", "spec", "chain"}  # 'ar' is always run as the reference
     r = subprocess.run([*base, "--methods", "medusa"], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chi2_test_agrees_with_scipy_and_rejects_a_wrong_distribution():
+    import numpy as np
+    import torch
+    from scipy.stats import chisquare
+
+    from speculative_cascade.bench.runner import chi2_test
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    counts = torch.tensor([52.0, 27.0, 16.0, 5.0, 0.0])
+    stat, df, p = chi2_test(counts, probs)
+    # cells expected below 5 (0.04 and 0.01 of 100) are pooled into one
+    ref = chisquare(np.array([52, 27, 16, 5]), np.array([50, 30, 15, 5]))
+    assert stat == pytest.approx(ref.statistic) and df == 3 and p == pytest.approx(ref.pvalue)
+    _, _, p_bad = chi2_test(torch.tensor([25.0, 30.0, 35.0, 8.0, 2.0]), probs)
+    assert p_bad < 1e-6

@@ -247,7 +247,47 @@ CSD = _cascade(
     k_matrix=[[7, 2], [0, 1]],
 )
 
+# The seed paper's Table 3 (ablation): the full cascade tiny -> INT8 -> target, and what is left without
+# each part. 'No tiny model' and 'Draft only' are both `spec`; 'Single stage' is `ar` (the target alone).
+FULL = _cascade(
+    "full", "ablation, full cascade as a chain: tiny (k=2) -> INT8 (k=8) -> target", stages=["tiny", "int8"], k=[2, 8]
+)
+NO_INT8 = _cascade(
+    "no-int8",
+    "ablation, no INT8 quantization: tiny (k=2) -> fp32 draft (the target's weights, k=8) -> target",
+    stages=["tiny", "fp32"],
+    k=[2, 8],
+)
+TINY_ONLY = _cascade("tiny-only", "ablation, tiny model only: tiny (k=2) -> target", stages=["tiny"], k=[2])
+
 METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (HFGenerate, HFPromptLookup, HFAssisted, Native, TwoStage, SPEC4, MAG, CHAIN, TREE, CSD, Custom, Auto)
+    for m in (
+        HFGenerate,
+        HFPromptLookup,
+        HFAssisted,
+        Native,
+        TwoStage,
+        SPEC4,
+        MAG,
+        CHAIN,
+        TREE,
+        CSD,
+        FULL,
+        NO_INT8,
+        TINY_ONLY,
+        Custom,
+        Auto,
+    )
 }
+
+# Table 3 rows: (variant, method)
+ABLATION = (
+    ("Full cascade (tiny -> INT8 -> target)", "full"),
+    ("No tiny model (INT8 -> target)", "spec"),
+    ("No INT8 quant (tiny -> fp32 draft -> target)", "no-int8"),
+    ("Single stage (target alone)", "ar"),
+    ("Tiny only (tiny -> target)", "tiny-only"),
+    ("Draft only (INT8 -> target)", "spec"),
+    ("Default cascade (MaG -> INT8 -> target)", "chain"),
+)

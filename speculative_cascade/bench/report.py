@@ -26,8 +26,8 @@ def markdown(report: dict) -> str:
         "## Table 1: throughput, latency, speedup, acceptance, memory, quality",
         "",
         "| method | tok/s | decode tok/s | predicted | latency ms/token | vs ar | accepted | tokens/round "
-        "| peak RSS MB | PPL | = ar |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| peak RSS MB | PPL | = ar | sampling p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
     for name, m in methods.items():
         dec = m.get("decode_tokens_per_s")
@@ -36,11 +36,20 @@ def markdown(report: dict) -> str:
             f"{_fmt(m.get('predicted_decode_tokens_per_s'), '.1f')} | {_fmt(1000 / dec if dec else None, '.1f')} | "
             f"{_fmt(m.get('speedup_vs_ar'), '.2f')}x | {_fmt(m.get('acceptance_rate'), '.1%')} | "
             f"{_fmt(m.get('mean_accepted_length'), '.2f')} | {_fmt(m.get('peak_rss_mb'), '.0f')} | "
-            f"{_fmt(m.get('perplexity'), '.4f')} | {dict([(True, 'yes'), (False, 'NO')]).get(m.get('identical_to_ar'), '-')} |"
+            f"{_fmt(m.get('perplexity'), '.4f')} | {dict([(True, 'yes'), (False, 'NO')]).get(m.get('identical_to_ar'), '-')} | "
+            f"{_fmt(m.get('sampling_check', {}).get('p_value'), '.2g')} |"
         )
+    out += [
+        "",
+        "Latency per token = 1 / decode tok/s. `= ar`: greedy output identical to `ar` on every prompt. "
+        "PPL: perplexity of the generated tokens under the target. `sampling p`: chi-square p-value of the "
+        "first sampled token (temperature 1) against the target's exact distribution (`--sampling-check` "
+        "samples); a lossless method gives p spread over (0, 1), a broken sampler p near 0.",
+    ]
     cascades = cfg.get("cascades") or {}
     if cascades:
         out += ["", "Configurations: " + "; ".join(f"`{n}`: {d}" for n, d in cascades.items()) + "."]
+    out += _prediction_table(methods) + _ablation_table(methods)
     for name, m in methods.items():
         stages = m.get("stages") or []
         if len(stages) < 2:
@@ -75,6 +84,54 @@ def markdown(report: dict) -> str:
         "(acceptance by draft position), `predicted.png` (predicted vs measured decode tok/s).",
     ]
     return "\n".join(out) + "\n"
+
+
+def _prediction_table(methods: dict) -> list[str]:
+    rows = [(n, m) for n, m in methods.items() if m.get("predicted")]
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Cost model: predicted vs measured decode tok/s",
+        "",
+        "Each method's rounds profiled on held-out prompts of the same file (one per category, 48 new tokens), "
+        "predicted for this run's mean context and length (docs/cost-model.md).",
+        "",
+        "| method | predicted | measured | error | tokens/round | draft ms | verify ms | overhead ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n, m in rows:
+        p = m["predicted"]
+        out.append(
+            f"| {n} | {p['decode_tokens_per_s']:.1f} | {_fmt(m.get('decode_tokens_per_s'), '.1f')} | "
+            f"{_fmt(m.get('prediction_error'), '+.1%')} | {p['tokens_per_round']:.2f} | {p['draft_ms']:.1f} | "
+            f"{p['verify_ms']:.1f} | {p['overhead_ms']:.2f} |"
+        )
+    return out
+
+
+def _ablation_table(methods: dict) -> list[str]:
+    from .methods import ABLATION
+
+    rows = [(v, n, methods[n]) for v, n in ABLATION if n in methods]
+    if len(rows) < 2:
+        return []
+    full = methods.get("full", {}).get("decode_tokens_per_s")
+    out = [
+        "",
+        "## Table 3: ablation",
+        "",
+        "| variant | method | decode tok/s | accepted by target | peak RSS MB | vs ar | vs full |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, n, m in rows:
+        dec = m.get("decode_tokens_per_s")
+        vs_full = dec / full - 1 if dec and full else None
+        out.append(
+            f"| {variant} | `{n}` | {_fmt(dec, '.1f')} | {_fmt(m.get('acceptance_rate'), '.1%')} | "
+            f"{_fmt(m.get('peak_rss_mb'), '.0f')} | {_fmt(m.get('speedup_vs_ar'), '.2f')}x | {_fmt(vs_full, '+.1%')} |"
+        )
+    return out
 
 
 def plots(report: dict, folder: Path) -> list[Path]:

@@ -70,6 +70,7 @@ def run_bench(
     quiet: bool = False,
     cascade=None,
     predict: bool = True,
+    sampling_check: int = 100,
 ) -> dict:
     from rich.console import Console
     from rich.progress import Progress
@@ -90,6 +91,8 @@ def run_bench(
         raise CascadeError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
     if max_new_tokens < 1:
         raise CascadeError("--max-new-tokens must be >= 1")
+    if sampling_check < 0:
+        raise CascadeError("--sampling-check must be >= 0")
     if k < 1:
         raise CascadeError("--k must be >= 1")
     rows = load_prompts(prompts, per_category)
@@ -126,6 +129,7 @@ def run_bench(
     # 'ar' first: the others are compared with it.
     order = sorted(dict.fromkeys(methods), key=lambda m: m != "ar")
     results: dict[str, list] = {}
+    checks: dict[str, dict] = {}
     peak_mb: dict[str, float | None] = {}
     with Progress(console=console, transient=False) as progress:
         for name in order:
@@ -145,6 +149,11 @@ def run_bench(
                 res = method.run(r["ids"], max_new_tokens)
                 results[name].append(res)
                 progress.advance(task)
+            if sampling_check and hasattr(method, "round") and name != "ar":
+                task = progress.add_task(f"{name:6s} sampling", total=sampling_check)
+                checks[name] = _sampling_check(
+                    ctx, method, encode(SAMPLING_PROMPT), sampling_check, lambda: progress.advance(task)
+                )
             peak_mb[name] = _peak_rss_mb()
             del method
         task = progress.add_task("perplexity", total=len(rows))
@@ -153,6 +162,8 @@ def run_bench(
     for name in order:
         report["methods"][name]["peak_rss_mb"] = peak_mb.get(name)
         report["methods"][name]["perplexity"] = ppl[name]
+        if name in checks:
+            report["methods"][name]["sampling_check"] = checks[name]
     _print_table(console, report, Table)
     _print_stages(console, report, Table)
     return report
@@ -211,6 +222,67 @@ def _held_out(path, rows) -> list[str]:
             seen.add(r["category"])
             out.append(r["prompt"])
     return out
+
+
+SAMPLING_PROMPT = "Name a colour."
+
+
+def chi2_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int, float]:
+    """Pearson's chi-square goodness of fit of ``counts`` to ``probs``; cells expected below 5 are
+    pooled. Returns (statistic, degrees of freedom, p-value)."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts.double()[~small], counts.double()[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep] * n / float(exp[keep].sum())
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = max(int(keep.sum()) - 1, 1)
+    p = float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
+    return stat, df, p
+
+
+@torch.inference_mode()
+def _sampling_check(ctx, method, prompt_ids: list[int], n: int, advance) -> dict:
+    """Is the method's first sampled token distributed as the target's (temperature 1)?
+
+    ``n`` generations of 2 tokens: the first goes through one speculative round (draft,
+    then the rejection test or the residual), so a broken verifier shows. Pearson's
+    chi-square against the target's exact softmax, cells expected below 5 pooled."""
+    from ..decoding import StopChecker, generate_tokens
+    from ..sampling import SamplingParams
+
+    target = ctx.target
+    probs = torch.softmax(target(torch.tensor([prompt_ids]), target.new_cache(len(prompt_ids)))[0, -1].float(), -1)
+    counts = torch.zeros_like(probs)
+    for i in range(n):
+        out, _ = generate_tokens(
+            target,
+            prompt_ids,
+            round=method.round,
+            max_new_tokens=2,
+            params=SamplingParams(temperature=1.0, seed=1000 + i),
+            stop=StopChecker(()),
+            max_len=ctx.max_len,
+            target_stage=method.target_stage,
+        )
+        counts[out[0]] += 1
+        advance()
+    stat, df, p_value = chi2_test(counts, probs)
+    top = torch.topk(probs, 3)
+    return {
+        "samples": n,
+        "chi2": stat,
+        "df": df,
+        "p_value": p_value,
+        "top_tokens": [
+            {"id": int(t), "target_p": float(p), "observed": float(counts[t]) / n}
+            for p, t in zip(top.values, top.indices)
+        ],
+    }
 
 
 def _predict(ctx, method, max_new_tokens: int) -> dict:
@@ -401,10 +473,10 @@ def _print_table(console, report, Table) -> None:
             if "prediction_error" in m
             else "-",
             f"{m.get('speedup_vs_ar', 0):.2f}x" if "speedup_vs_ar" in m else "-",
-            f"{m.get('speedup_vs_hf', 0):.2f}x" if "speedup_vs_hf" in m else "-",
             f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",
             f"{m['mean_accepted_length']:.2f}" if "mean_accepted_length" in m else "-",
             {True: "yes", False: "NO"}.get(m.get("identical_to_ar"), "-"),
+            f"{m['sampling_check']['p_value']:.2g}" if "sampling_check" in m else "-",
             f"{m['perplexity']:.3f}" if m.get("perplexity") else "-",
             f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
         )
