@@ -152,9 +152,10 @@ def plots(report: dict, folder: Path) -> list[Path]:
         names = [n for n in methods if n != "ar"]
         fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cats) + 3), 4.5))
         width = 0.8 / max(1, len(names))
+        colours = plt.get_cmap("tab20").colors
         for i, n in enumerate(names):
             ys = [methods[n]["by_category"].get(c, 0) / ar["by_category"][c] for c in cats]
-            ax.bar([j + i * width for j in range(len(cats))], ys, width, label=n)
+            ax.bar([j + i * width for j in range(len(cats))], ys, width, label=n, color=colours[i % len(colours)])
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
         ax.set_ylabel("speedup over ar (tok/s ratio)")
@@ -166,10 +167,11 @@ def plots(report: dict, folder: Path) -> list[Path]:
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))  # acceptance by position
-    for n, m in methods.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (n, m) in enumerate(methods.items()):
         acc = m.get("acceptance_by_position")
         if acc:
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n)
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n, color=colours[i % len(colours)])
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted by the target")
     ax.set_ylim(0, 1.02)

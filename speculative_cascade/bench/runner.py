@@ -371,6 +371,8 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
                 sum(s["drafted_by_position"][i] for s in stats if i < len(s["drafted_by_position"]))
                 for i in range(width)
             ]
+            while dr and not dr[-1]:  # positions the token budget allowed but nothing drafted
+                dr.pop()
             m["acceptance_by_position"] = [a / d if d else 0.0 for a, d in zip(acc, dr)]
             m["time_draft_s"] = sum(s["draft_s"] for s in stats)
             m["time_verify_s"] = sum(s["verify_s"] for s in stats)
