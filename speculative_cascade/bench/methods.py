@@ -194,19 +194,11 @@ class Auto(Native):
     def make_round(self):
         from ..config import build_round
         from ..cost.tune import tune
-        from ..distill import read_prompts
 
         tok = self.ctx.tokenizer
-        ids = self.ctx.calibration_prompts
-        if not ids:
-            chat = bool(getattr(tok, "chat_template", None))
-            for text in read_prompts(None)[:4]:
-                if chat:
-                    text = tok.apply_chat_template(
-                        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-                    )
-                ids.append(tok.encode(text, add_special_tokens=not chat))
-        self.tuned = tune(self.ctx.target, tok, ids, max_len=self.ctx.max_len, context=self.ctx.context)
+        self.tuned = tune(
+            self.ctx.target, tok, self.ctx.calibration_prompts, max_len=self.ctx.max_len, context=self.ctx.context
+        )
         if self.tuned.config is None:
             return ChainRound()
         return build_round(self.tuned.config, self.ctx.target, tok, self.ctx.max_len, cache=self.ctx.shared)[0]

@@ -122,8 +122,8 @@ def run_bench(
     if predict or "auto" in methods:
         from ..distill import read_prompts
 
-        texts = _held_out(prompts, rows) or read_prompts(None)[:4]
-        ctx.calibration_prompts = [ids for ids in map(encode, texts) if len(ids) <= limit]
+        held_out = [ids for ids in map(encode, _held_out(prompts, rows)) if len(ids) <= limit]
+        ctx.calibration_prompts = held_out or [encode(t) for t in read_prompts(None)[:4]]
         # the workload the predictions are for: the benchmark's mean context while decoding
         ctx.context = sum(len(r["ids"]) + max_new_tokens / 2 for r in rows) / len(rows)
     # 'ar' first: the others are compared with it.
