@@ -18,7 +18,7 @@ from .cascade import ChainRound
 from .decoding import GenerationStats, StopChecker, eos_ids, generate_tokens
 from .stages.model import ModelStage
 from .engine.hf_fallback import HFCausalLM
-from .engine.kernels import linear_int8_kernel
+from .engine import kernels
 from .engine.loader import LoadedModel, load_model
 from .engine.model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
 from .engine.quant import quantize_int8
@@ -29,11 +29,11 @@ INT8_SELF_DRAFT = "int8"
 DEFAULT_K = 8  # measured best for the embedded model's INT8 self-draft on a 2-core CPU (README)
 
 
-def as_model(obj, *, progress: bool = True) -> tuple[torch.nn.Module, object | None]:
+def as_model(obj, *, progress: bool = True, precision: str = "stored") -> tuple[torch.nn.Module, object | None]:
     """Turn a spec (str/path/None), a LoadedModel, a native model or a transformers model
     into ``(model with the native interface, tokenizer or None)``."""
     if obj is None or isinstance(obj, str):
-        lm = load_model(obj, progress=progress)
+        lm = load_model(obj, progress=progress, precision=precision)
         return lm.model, lm.tokenizer
     if isinstance(obj, LoadedModel):
         return obj.model, obj.tokenizer
@@ -47,7 +47,7 @@ def as_model(obj, *, progress: bool = True) -> tuple[torch.nn.Module, object | N
             except ValueError:
                 return HFCausalLM(obj), None
             model = Transformer(args)
-            model.load_hf_state_dict(obj.state_dict())
+            model.load_hf_state_dict(obj.state_dict(), precision=precision)
             return model.eval(), None
         return HFCausalLM(obj), None
     raise CascadeError(f"cannot use {type(obj).__name__} as a model")
@@ -67,6 +67,8 @@ class SpeculativeGenerator:
         max_len: KV-cache size in tokens (prompt + new tokens + K + 1 must fit).
         cascade: a :class:`~.config.CascadeConfig`, a dict of its settings, or the path of
             a TOML/YAML file; replaces ``draft_model``/``K`` with an N-stage cascade.
+        precision: ``"stored"`` (default) runs the target on its weights as stored (a GGUF
+            file's quantized blocks, bf16 safetensors); ``"fp32"`` dequantizes them to fp32.
     """
 
     def __init__(
@@ -80,12 +82,13 @@ class SpeculativeGenerator:
         device: str = "cpu",
         progress: bool = True,
         cascade=None,
+        precision: str = "stored",
     ) -> None:
         if K < 1:
             raise CascadeError(f"K must be >= 1, got {K}")
         if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
             raise CascadeError(f"device {device!r} is not available here")
-        self.target, target_tok = as_model(target_model, progress=progress)
+        self.target, target_tok = as_model(target_model, progress=progress, precision=precision)
         self.tokenizer = tokenizer or target_tok
         if self.tokenizer is None:
             raise CascadeError("a tokenizer is needed when the target is passed as a model object")
@@ -103,9 +106,9 @@ class SpeculativeGenerator:
             if not isinstance(self.target, Transformer):
                 raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
             self.draft = quantize_int8(self.target)
-            if linear_int8_kernel() is None and self.target.device.type == "cpu":
+            if kernels.get() is None and self.target.device.type == "cpu":
                 warnings.warn(
-                    "the INT8 kernels are unavailable (no C compiler?): the INT8 draft will be slower "
+                    "the C kernels are unavailable: the INT8 draft will be slower "
                     "than plain decoding; pass draft_model=None (CLI: --draft none)",
                     stacklevel=2,
                 )

@@ -92,6 +92,8 @@ def _quantized_copy(model: Transformer, make, tag: str) -> Transformer:
     memo = {id(t): t for t in model._tensors()}
     memo.update({id(m.packed): m.packed for m in model.modules() if isinstance(m, Linear)})
     memo[id(model.tok_embeddings.packed)] = model.tok_embeddings.packed
+    if isinstance(model._fused, tuple):  # C descriptors point at the original's weights: not copied
+        memo[id(model._fused)] = None
     q = copy.deepcopy(model, memo)
     for parent in list(q.modules()):
         for name, child in list(parent.named_children()):

@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.quant import Int8Linear, quantize_weight
+from ..engine.formats import Format, PackedWeight
+from ..engine.model import Linear
+from ..engine.quant import int8_weight
 from ..errors import CascadeError
 from ..sampling import sample, warp
 from .base import StageStats
@@ -79,11 +81,9 @@ class TinyProjection(nn.Module):
             "norm.bias": self.norm.bias,
         }
         head = self.head
-        if isinstance(head, Int8Linear):
-            sd.update({"head.w_int8": head.w_int8, "head.scales": head.scales, "head.bias": head.bias})
-        elif int8:
-            w, s = quantize_weight(head.weight.detach())
-            sd.update({"head.w_int8": w, "head.scales": s, "head.bias": head.bias})
+        if isinstance(head, Linear) or int8:
+            packed = head.packed if isinstance(head, Linear) else int8_weight(head.weight)
+            sd.update({"head.w_int8": packed.data, "head.scales": packed.sm[:, 0, 0], "head.bias": head.bias})
         else:
             sd.update({"head.weight": head.weight, "head.bias": head.bias})
         info = {
@@ -124,7 +124,7 @@ class TinyProjection(nn.Module):
         m.proj.load_state_dict({"weight": sd["proj.weight"], "bias": sd["proj.bias"]})
         m.norm.load_state_dict({"weight": sd["norm.weight"], "bias": sd["norm.bias"]})
         if "head.w_int8" in sd:
-            m.head = Int8Linear(w_int8=sd["head.w_int8"], scales=sd["head.scales"], bias=sd["head.bias"])
+            m.head = _int8_head(sd["head.w_int8"], sd["head.scales"], sd["head.bias"])
         else:
             m.head.load_state_dict({"weight": sd["head.weight"], "bias": sd["head.bias"]})
         m.info = info
@@ -132,9 +132,16 @@ class TinyProjection(nn.Module):
 
     def quantize_head(self) -> "TinyProjection":
         """Store the output projection in INT8 (in place); returns self."""
-        if not isinstance(self.head, Int8Linear):
-            self.head = Int8Linear(self.head)
+        if not isinstance(self.head, Linear):
+            self.head = Linear.from_packed(int8_weight(self.head.weight), self.head.bias)
         return self
+
+
+def _int8_head(w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> Linear:
+    """The INT8 output projection (per-row scales), run by the engine's kernels."""
+    packed = PackedWeight.int8(w_int8, scales[:, None])
+    assert packed.fmt == Format.I8
+    return Linear.from_packed(packed, bias)
 
 
 class TinyStage:

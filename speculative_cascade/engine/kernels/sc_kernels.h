@@ -6,6 +6,7 @@
  *   SC_VARIANT          the variant's name
  *   VW                  fp32 lanes per vector; vf the vector type (GCC vector extension)
  *   vfma(a, b, c)       a * b + c (one rounding where the ISA has FMA)
+ *   vdeq(q, d, m)       q * d + m with one rounding (dequantization); vfma unless defined
  *   vload(p), vsplat(x)
  *   cvt_i8(p)           VW int8          -> vf
  *   cvt_u4(p, hi)       VW bytes' low (hi = 0) or high (hi = 1) nibbles -> vf
@@ -56,6 +57,9 @@ typedef struct {
     sc_mat qkv, o, gate_up, down;
 } sc_layer;
 
+#ifndef vdeq
+#define vdeq(q, d, m) vfma(q, d, m)
+#endif
 #define SC_UNROLL _Pragma("GCC unroll 16")
 #define RBMAX 8
 
@@ -73,10 +77,10 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     case SC_F32: return vload((const float *)W->w + n * K + k);
     case SC_F16: return cvt_f16((const uint16_t *)W->w + n * K + k);
     case SC_BF16: return cvt_bf16((const uint16_t *)W->w + n * K + k);
-    case SC_I8: return vfma(cvt_i8((const int8_t *)W->w + n * K + k), vsplat(d), vsplat(m));
+    case SC_I8: return vdeq(cvt_i8((const int8_t *)W->w + n * K + k), vsplat(d), vsplat(m));
     default: {
         const uint8_t *p = (const uint8_t *)W->w + n * (K / 2) + (size_t)(k / 32) * 16 + (k & 15);
-        return vfma(cvt_u4(p, (k & 31) >= 16), vsplat(d), vsplat(m));
+        return vdeq(cvt_u4(p, (k & 31) >= 16), vsplat(d), vsplat(m));
     }
     }
 }

@@ -1,4 +1,7 @@
-/* Lane-by-lane conversions for the variants without vector conversion instructions. */
+/* Conversions for the variants without dedicated intrinsics: GCC's portable vectors
+ * (__builtin_convertvector), and fp16 lane by lane. */
+typedef signed char vi8 __attribute__((vector_size(VW)));
+typedef unsigned char vu8 __attribute__((vector_size(VW)));
 static inline float sc_half_to_float(unsigned short h) {
     unsigned int sign = (unsigned int)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
     if (exp == 31) bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
@@ -13,11 +16,16 @@ static inline float sc_half_to_float(unsigned short h) {
     memcpy(&f, &bits, 4);
     return f;
 }
-static inline vf cvt_i8(const signed char *p) { vf v; for (int i = 0; i < VW; i++) v[i] = (float)p[i]; return v; }
+static inline vf cvt_i8(const signed char *p) {
+    vi8 b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vf);
+}
 static inline vf cvt_u4(const unsigned char *p, int hi) {
-    vf v;
-    for (int i = 0; i < VW; i++) v[i] = (float)(hi ? p[i] >> 4 : p[i] & 15);
-    return v;
+    vu8 b;
+    memcpy(&b, p, sizeof b);
+    b = hi ? b >> 4 : b & 15;
+    return __builtin_convertvector(b, vf);
 }
 static inline vf cvt_f16(const unsigned short *p) { vf v; for (int i = 0; i < VW; i++) v[i] = sc_half_to_float(p[i]); return v; }
 static inline vf cvt_bf16(const unsigned short *p) {

@@ -1,0 +1,230 @@
+"""The C kernels, on every variant: built, correct against PyTorch, batch-invariant bit for bit.
+
+Every variant this platform has is compiled here as setup.py compiles it (a kernel that does
+not build fails a test); every variant this CPU can run is compared with the PyTorch
+reference, with the other formats, and with itself across row counts."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_model, native_from_hf
+from speculative_cascade.engine import kernels
+from speculative_cascade.engine.formats import Format, PackedWeight, concat, from_gguf
+from speculative_cascade.engine.model import sc_mat
+
+RUNNABLE = [v for v in kernels.cpu_variants() if v in kernels.platform_variants()]
+
+
+def _compile(variant: str, cc: str, out, extra=()) -> subprocess.CompletedProcess:
+    src = kernels.SOURCES[variant]
+    cmd = [cc, *kernels.COMMON_FLAGS, *kernels.FLAGS[variant], *extra, "-shared", str(src), "-o", str(out), "-lm"]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("variant", kernels.platform_variants())
+def test_variant_builds_and_is_installed(variant, tmp_path):
+    """Compiles with the flags setup.py uses (the AVX2 and baseline variants on an AVX-512 machine too),
+    and the install built it."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert cc, "no C compiler"
+    r = _compile(variant, cc, tmp_path / f"{variant}.so")
+    assert r.returncode == 0, r.stderr
+    assert kernels.library_path(variant) is not None, f"the install did not build {variant}"
+
+
+@pytest.mark.parametrize("variant", ["neon", "generic"])
+def test_aarch64_variants_cross_compile(variant, tmp_path):
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    if kernels.machine() == "aarch64":
+        pytest.skip("native aarch64: covered by test_variant_builds_and_is_installed")
+    if cc is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu)")
+    r = _compile(variant, cc, tmp_path / f"{variant}-aarch64.so")
+    assert r.returncode == 0, r.stderr
+
+
+def test_kernels_are_in_use():
+    """The suite runs on kernels, never silently on the PyTorch fallback."""
+    if os.environ.get("SPECULATIVE_CASCADE_KERNEL") == "torch":
+        pytest.skip("SPECULATIVE_CASCADE_KERNEL=torch")
+    k = kernels.get()
+    assert k is not None, kernels.status()["reason"]
+    assert k.variant == RUNNABLE[0]  # the best variant this CPU runs
+
+
+# -- products ----------------------------------------------------------------------------------
+
+
+def _weights(N: int, K: int, seed: int = 0) -> dict[str, PackedWeight]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g)
+    q8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    q4 = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)
+    return {
+        "f32": PackedWeight.dense(w),
+        "f16": PackedWeight.dense(w.half()),
+        "bf16": PackedWeight.dense(w.bfloat16()),
+        "i8-row": PackedWeight.int8(q8, torch.rand(N, 1, generator=g) / 50),
+        "i8-16": PackedWeight.int8(q8, torch.rand(N, K // 16, generator=g) / 50, torch.randn(N, K // 16, generator=g)),
+        "i8-32": PackedWeight.int8(q8, torch.rand(N, K // 32, generator=g) / 50),
+        "q4": PackedWeight.q4(q4, torch.stack([torch.rand(N, K // 32, generator=g) / 5,
+                                                torch.randn(N, K // 32, generator=g)], -1)),
+    }
+
+
+def _matmul(k, w: PackedWeight, x: torch.Tensor, bias=None) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0])
+    mat = sc_mat(w, bias)
+    k.lib.sc_matmul(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr())
+    return y
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4"])
+def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
+    k = kernels.get(variant)
+    N, K = 37, 96  # N not a multiple of any block size
+    w = _weights(N, K)[fmt]
+    bias = torch.randn(N)
+    x = torch.randn(13, K)
+    ref = x.double() @ w.dequantize().double().T + bias.double()
+    one = torch.cat([_matmul(k, w, x[i : i + 1], bias) for i in range(13)])
+    torch.testing.assert_close(one.double(), ref, rtol=1e-5, atol=1e-4)
+    for M in (2, 3, 4, 5, 6, 7, 9, 13):  # every pass shape: each row bit-identical to its one-row product
+        for start in (0, 13 - M):
+            got = _matmul(k, w, x[start : start + M], bias)
+            assert torch.equal(got, one[start : start + M]), f"{variant} {fmt}: M={M} differs from one row"
+    # a quantized matrix gives exactly what the fp32 kernel gives on its dequantization
+    dense = _matmul(k, PackedWeight.dense(w.dequantize()), x, bias)
+    assert torch.equal(_matmul(k, w, x, bias), dense)
+
+
+def test_concat_of_mixed_formats_is_exact():
+    ws = _weights(16, 64)
+    mixed = concat([ws["q4"], ws["i8-16"], ws["i8-32"]])
+    assert mixed.fmt == Format.I8 and mixed.group == 16
+    ref = torch.cat([ws["q4"].dequantize(), ws["i8-16"].dequantize(), ws["i8-32"].dequantize()])
+    assert torch.equal(mixed.dequantize(), ref)
+    assert concat([ws["f16"], ws["q4"]]).fmt == Format.F32
+
+
+# -- GGUF blocks ---------------------------------------------------------------------------------
+
+
+def _random_blocks(qtype, n_blocks: int, rng) -> np.ndarray:
+    """Random but valid blocks: finite fp16 scales, random codes."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    _, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    f16 = lambda n: rng.uniform(0.001, 0.05, (n_blocks, n)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if qtype == Q.Q4_K:
+        raw[:, 0:4] = f16(2)
+    elif qtype == Q.Q6_K:
+        raw[:, 208:210] = f16(1)
+    return raw
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"])
+def test_gguf_repacking_is_exact(qtype):
+    """Every supported GGUF type dequantizes to exactly what the gguf package reads."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import dequantize, quantize
+
+    t = Q[qtype]
+    N, K = 8, 512
+    rng = np.random.default_rng(0)
+    if t in (Q.Q4_K, Q.Q6_K):
+        data = _random_blocks(t, N * K // 256, rng).reshape(N, -1)
+    else:
+        data = quantize(rng.standard_normal((N, K)).astype(np.float32), t)
+    w = from_gguf(data, t, (N, K))
+    ref = dequantize(data, t).reshape(N, K)
+    assert np.array_equal(w.dequantize().numpy(), ref.astype(np.float32))
+    expect = {"F32": Format.F32, "F16": Format.F16, "BF16": Format.BF16, "Q8_0": Format.I8, "Q6_K": Format.I8,
+              "Q5_0": Format.F32}.get(qtype, Format.Q4)
+    assert w.fmt == expect
+
+
+# -- the decoder ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return native_from_hf(hf_model("llama", seed=7))
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_forward_is_batch_invariant(variant, tiny):
+    """Prefill, chain verification, tree verification and batched rows: each token's logits
+    bit-identical to a one-token forward at its position."""
+    prompt = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    seq = [21, 22, 23, 24, 25, 26, 27, 28, 29]
+    with kernels.use(variant):
+        c = tiny.new_cache(64)
+        pre = tiny(prompt, c)
+        steps = torch.cat([tiny(torch.tensor([[t]]), c) for t in seq], 1)
+        c1 = tiny.new_cache(64)
+        one_by_one = torch.cat([tiny(prompt[:, i : i + 1], c1) for i in range(prompt.shape[1])], 1)
+        assert torch.equal(pre, one_by_one), "a prefill differs from one-token forwards"
+        for n in (2, 3, 5, 9):
+            c2 = tiny.new_cache(64)
+            tiny(prompt, c2)
+            block = tiny(torch.tensor([seq[:n]]), c2)
+            assert torch.equal(block, steps[:, :n]), f"an {n}-token forward differs from one-token forwards"
+        # a tree: branch a = seq[0:3], branch b = [40, 41] under seq[0]
+        tokens = torch.tensor([[seq[0], seq[1], seq[2], 40, 41]])
+        positions = torch.tensor([[6, 7, 8, 7, 8]])
+        m = torch.zeros(1, 5, 5, dtype=torch.bool)
+        for i, anc in enumerate([[0], [0, 1], [0, 1, 2], [0, 3], [0, 3, 4]]):
+            m[0, i, anc] = True
+        c3 = tiny.new_cache(64)
+        tiny(prompt, c3)
+        tree = tiny(tokens, c3, positions=positions, tree_mask=m)
+        assert torch.equal(tree[:, :3], steps[:, :3])
+        c4 = tiny.new_cache(64)
+        tiny(prompt, c4)
+        branch_b = tiny(torch.tensor([[seq[0], 40, 41]]), c4)
+        assert torch.equal(tree[:, 3:], branch_b[:, 1:])
+        # two rows at different cursors in one forward
+        cb = tiny.new_cache(64, batch_size=2)
+        tiny(torch.cat([prompt, prompt]), cb)
+        cb.rollback(2, row=1)
+        both = tiny(torch.tensor([[seq[0], seq[1]], [30, 31]]), cb)
+        assert torch.equal(both[:1], steps[:, :2])
+        c5 = tiny.new_cache(64)
+        tiny(prompt[:, :4], c5)
+        assert torch.equal(both[1:], tiny(torch.tensor([[30, 31]]), c5))
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_forward_matches_pytorch(variant, tiny):
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with kernels.use(variant):
+        got = tiny(ids, tiny.new_cache(16))
+    with kernels.disabled():
+        ref = tiny(ids, tiny.new_cache(16))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_long_context_attention_does_not_overflow_the_stack():
+    """Llama-3.2-1B's attention shape (32 heads, 8 KV heads, head size 64): 9 new tokens at a
+    context of 8000 and 32 at 4000 (the stack allocation per job that used to crash)."""
+    from speculative_cascade.engine.model import ModelArgs, Transformer
+
+    args = ModelArgs(vocab_size=64, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, head_dim=64,
+                     intermediate_size=64, max_position_embeddings=8192)
+    model = Transformer(args).eval()
+    cache = model.new_cache(8200)
+    for start, T in ((8000, 9), (4000, 32)):
+        cache.seqlens = [start]
+        out = model(torch.arange(T)[None] % 64, cache)
+        assert torch.isfinite(out).all() and out.shape == (1, T, 64)
