@@ -28,6 +28,9 @@ app = typer.Typer(
 )
 
 TARGET_HELP = "Target model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a model directory or a hub id."
+PRECISION_HELP = (
+    "The target's weights: 'stored' (as the file stores them: GGUF blocks, bf16; default) or 'fp32' (dequantized)."
+)
 DRAFT_HELP = "Draft model: 'int8' (INT8 copy of the target), 'none' (plain decoding), or a model like --target."
 
 
@@ -161,6 +164,7 @@ def generate(
         None, "--chat/--no-chat", help="Wrap the prompt in the model's chat template (default: if it has one)."
     ),
     max_len: int = typer.Option(2048, "--max-len", help="KV-cache size in tokens."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     show_stats: bool = typer.Option(False, "--stats", help="Print the per-stage breakdown after the text."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
 ) -> None:
@@ -183,7 +187,9 @@ def generate(
             if len(ks) != 1:
                 raise CascadeError("--k takes one value with --draft (several go with --stages)")
             kk = ks[0]
-        gen = SpeculativeGenerator(target, _draft_arg(draft), K=kk, max_len=max_len, cascade=config)
+        gen = SpeculativeGenerator(
+            target, _draft_arg(draft), K=kk, max_len=max_len, cascade=config, precision=precision
+        )
         if chat is None:
             chat = bool(getattr(gen.tokenizer, "chat_template", None))
         streamer = None if as_json else _Streamer(gen.tokenizer)
@@ -225,26 +231,34 @@ def generate(
 def info(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help=DRAFT_HELP),
+    precision: str = typer.Option("stored", "--precision", help=PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Describe the loaded models: architecture, parameters, bytes, dtype."""
+    """Describe the machine's kernels and the loaded models: architecture, parameters, bytes, format."""
+    from .engine import kernels
     from .generator import SpeculativeGenerator
 
     try:
-        gen = SpeculativeGenerator(target, _draft_arg(draft))
+        gen = SpeculativeGenerator(target, _draft_arg(draft), precision=precision)
     except CascadeError as e:
         _fail(str(e))
-    rows = {"target": describe(gen.target)}
+    st = kernels.status()
+    rows = {"cpu": kernels.cpu_name(), "kernels": st, "target": describe(gen.target)}
     if gen.draft is not None:
         rows["draft"] = describe(gen.draft)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    for role, d in rows.items():
-        typer.echo(
-            f"{role:7s} {d['architecture']:8s} {d['implementation']:12s} {d['parameters'] / 1e6:8.1f} M params "
-            f"{d['bytes'] / 2**20:8.1f} MiB  {d['dtype']:5s} vocab {d['vocab_size']}  layers {d['layers']}"
-        )
+    typer.echo(f"cpu     {rows['cpu']}")
+    line = f"kernels {st['kernel']} (built: {', '.join(st['built']) or 'none'}; this CPU runs: {', '.join(st['cpu_runs'])})"
+    typer.echo(line + (f"; {st['reason']}" if st["reason"] else ""))
+    for role in ("target", "draft"):
+        if role in rows:
+            d = rows[role]
+            typer.echo(
+                f"{role:7s} {d['architecture']:8s} {d['implementation']:12s} {d['parameters'] / 1e6:8.1f} M params "
+                f"{d['bytes'] / 2**20:8.1f} MiB  {d['dtype']}  vocab {d['vocab_size']}  layers {d['layers']}"
+            )
 
 
 def describe(model) -> dict:
@@ -256,7 +270,7 @@ def describe(model) -> dict:
         "implementation": "native" if native else "transformers",
         "parameters": model.num_parameters(),
         "bytes": model.nbytes,
-        "dtype": getattr(model, "quantized", None) or "fp32",
+        "dtype": getattr(model, "quantized", None) or (model.weight_format if native else "fp32"),
         "vocab_size": model.vocab_size,
         "layers": model.args.n_layers if native else getattr(model.config, "num_hidden_layers", None),
     }
@@ -269,6 +283,7 @@ def bench(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     methods: str = typer.Option("hf,ar,spec", help="Comma-separated methods; see --list-methods."),
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    precision: str = typer.Option("stored", "--precision", help=PRECISION_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help="Draft for 'spec' (as in generate)."),
     k: int = typer.Option(8, "--k", "-k", help="Draft tokens per round for 'spec'."),
     cascade: Optional[Path] = typer.Option(None, "--cascade", help="Also bench this cascade file as 'custom'."),
@@ -300,6 +315,7 @@ def bench(
             max_new_tokens=max_new_tokens,
             methods=[m.strip() for m in methods.split(",") if m.strip()],
             target=target,
+            precision=precision,
             draft=_draft_arg(draft),
             k=k,
             chat=chat,
@@ -333,6 +349,7 @@ def tune(
     drafts: str = typer.Option("int8,int4", help="Neural drafts to consider (comma-separated stage specs)."),
     mag: bool = typer.Option(True, "--mag/--no-mag", help="Also consider MaG in front of each draft."),
     out: Path = typer.Option(Path("cascade.toml"), "--out", "-o", help="Where to write the best configuration."),
+    precision: str = typer.Option("stored", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Measure this machine, predict every configuration with the cost model, write the fastest."""
     from . import distill as D
@@ -340,7 +357,7 @@ def tune(
     from .generator import SpeculativeGenerator
 
     with _user_errors(out):
-        gen = SpeculativeGenerator(target, None)
+        gen = SpeculativeGenerator(target, None, precision=precision)
         texts = D.read_prompts(prompts)[:n_prompts]
         chat = bool(getattr(gen.tokenizer, "chat_template", None))
         ids = [gen.encode(t, chat=chat) for t in texts]

@@ -12,6 +12,7 @@ Stages are listed smallest first and exclude the target::
     tree_nodes = 32            # tree: nodes stage 0 drafts, at most tree_width per level;
     tree_width = 4             #       the filter stage keeps tree_keep of them for the target
     tree_keep = 8
+    precision = "stored"       # the target as stored (GGUF blocks, bf16) or "fp32"
 
 A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
 with scale and min, INT8 output projection), ``fp32`` (the target's own weights with a cache
@@ -47,6 +48,7 @@ class CascadeConfig:
     tree_width: int = 4
     tree_keep: int = 8
     mag_min_ngram: int = 1  # MaG proposes only suffix matches at least this long (then bigrams)
+    precision: str = "stored"  # the target's weights: as stored ("stored") or dequantized ("fp32")
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class CascadeConfig:
             raise CascadeError("the cascade needs at least one drafting stage")
         if self.mode not in MODES:
             raise CascadeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.precision not in ("stored", "fp32"):
+            raise CascadeError(f"precision must be 'stored' or 'fp32', got {self.precision!r}")
         if self.lenience < 1.0:
             raise CascadeError(f"lenience must be >= 1, got {self.lenience}")
         if not 1 <= self.mag_min_ngram <= 8:

@@ -82,12 +82,21 @@ class SpeculativeGenerator:
         device: str = "cpu",
         progress: bool = True,
         cascade=None,
-        precision: str = "stored",
+        precision: str | None = None,
     ) -> None:
         if K < 1:
             raise CascadeError(f"K must be >= 1, got {K}")
         if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
             raise CascadeError(f"device {device!r} is not available here")
+        self.config = None
+        if cascade is not None:
+            from .config import load_cascade
+
+            self.config = load_cascade(cascade)  # None: the file asks for plain decoding
+            draft_model = None
+        if precision is None:
+            precision = self.config.precision if self.config is not None else "stored"
+        self.precision = precision
         self.target, target_tok = as_model(target_model, progress=progress, precision=precision)
         self.tokenizer = tokenizer or target_tok
         if self.tokenizer is None:
@@ -96,12 +105,6 @@ class SpeculativeGenerator:
         if max_len < 2:
             raise CascadeError(f"max_len must be >= 2, got {max_len}")
         self.max_len = min(max_len, limit)
-        self.config = None
-        if cascade is not None:
-            from .config import build_round, load_cascade
-
-            self.config = load_cascade(cascade)  # None: the file asks for plain decoding
-            draft_model = None
         if draft_model == INT8_SELF_DRAFT:
             if not isinstance(self.target, Transformer):
                 raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
@@ -127,6 +130,8 @@ class SpeculativeGenerator:
         self._target_stage = ModelStage(self.target, self.max_len, name="target")
         self._round = None
         if self.config is not None:
+            from .config import build_round
+
             self._round, _ = build_round(self.config, self.target, self.tokenizer, self.max_len, progress=progress)
         elif self.draft is not None:
             self._round = ChainRound(ModelStage(self.draft, self.max_len, name="draft"), K)
@@ -139,8 +144,14 @@ class SpeculativeGenerator:
             if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
                 raise CascadeError("prompt token ids must be ints within the vocabulary")
             return prompt
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise CascadeError(f"the prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        if not prompt.strip():
             raise CascadeError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from the command line arrive as surrogates
+            raise CascadeError("the prompt is not valid UTF-8 text") from None
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise CascadeError("this tokenizer has no chat template; use chat=False")

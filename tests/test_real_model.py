@@ -1,5 +1,7 @@
 """The embedded SmolLM2-135M-Instruct (slow: converts the GGUF file once, ~30 s)."""
 
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -21,11 +23,15 @@ def test_native_logits_match_transformers(smol):
 
     from speculative_cascade.engine.loader import load_model
 
-    lm = load_model(None)
-    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    lm = load_model(None)  # the GGUF file's own Q4_1 / Q8_0 blocks, read natively
+    src = Path(lm.source)
+    hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32).eval()
     ids = torch.tensor([lm.tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids, lm.model.new_cache(32)), hf(ids).logits, rtol=1e-3, atol=1e-3)
+    fp32 = load_model(None, precision="fp32")
+    assert fp32.model.weight_format.startswith("F32") and lm.model.weight_format.startswith("Q4")
+    assert lm.model.nbytes < fp32.model.nbytes / 4
 
 
 @pytest.mark.parametrize(

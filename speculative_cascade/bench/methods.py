@@ -75,9 +75,16 @@ class HFGenerate(Method):
 
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
+        from pathlib import Path
+
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(ctx.loaded.path, dtype=torch.float32).eval()
+        src = Path(ctx.loaded.source or ctx.loaded.path)
+        if src.suffix == ".gguf":  # transformers dequantizes the file itself
+            self.model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+        self.model.eval()
 
     def generate_kwargs(self) -> dict:
         return dict(self.extra_generate_kwargs)
@@ -124,6 +131,59 @@ class HFAssisted(HFGenerate):
 
     def generate_kwargs(self) -> dict:
         return {"assistant_model": self.assistant}
+
+
+class LlamaCpp(Method):
+    """llama.cpp through llama-cpp-python on the same GGUF file and token ids (an optional extra)."""
+
+    name = "llamacpp"
+    description = "llama.cpp (llama-cpp-python) on the same GGUF file, greedy, same token ids, same threads"
+    lookup = 0
+
+    def __init__(self, ctx: BenchContext) -> None:
+        super().__init__(ctx)
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise CascadeError(
+                f"method {self.name} needs llama-cpp-python: pip install 'speculative-cascade[llamacpp]'"
+            ) from None
+        src = ctx.loaded.source
+        if not src.endswith(".gguf"):
+            raise CascadeError(f"method {self.name} needs a GGUF target, not {src}")
+        kw = {}
+        if self.lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=self.lookup)
+        threads = torch.get_num_threads()
+        self.llm = Llama(model_path=src, n_ctx=ctx.max_len, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False, **kw)
+
+    def run(self, prompt_ids, max_new_tokens):
+        eos = self.ctx.eos_ids()
+        out: list[int] = []
+        t0 = time.perf_counter()
+        # Prefill as the native methods do: every prompt token but the last; generate() then finds
+        # that prefix in the cache and decodes from the last prompt token on.
+        self.llm.reset()
+        if len(prompt_ids) > 1:
+            self.llm.eval(prompt_ids[:-1])
+        t1 = time.perf_counter()
+        for tok in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            if tok in eos:
+                break
+            out.append(int(tok))
+            if len(out) >= max_new_tokens:
+                break
+        end = time.perf_counter()
+        return Result(out, end - t0, end - t1)
+
+
+class LlamaCppLookup(LlamaCpp):
+    name = "llamacpp-lookup"
+    description = "llama.cpp's prompt lookup decoding (10 tokens), same file and token ids"
+    lookup = 10
 
 
 class Native(Method):
@@ -258,6 +318,8 @@ METHODS: dict[str, type[Method]] = {
         HFGenerate,
         HFPromptLookup,
         HFAssisted,
+        LlamaCpp,
+        LlamaCppLookup,
         Native,
         TwoStage,
         SPEC4,

@@ -64,6 +64,7 @@ def run_bench(
     methods: list[str],
     target: str | None,
     draft,
+    precision: str = "stored",
     k: int,
     chat: bool = True,
     max_len: int = 4096,
@@ -97,8 +98,19 @@ def run_bench(
         raise CascadeError("--k must be >= 1")
     rows = load_prompts(prompts, per_category)
     console = Console(stderr=True, quiet=quiet)
-    loaded = load_model(target)
+    loaded = load_model(target, precision=precision)
     tok = loaded.tokenizer
+    machine = _machine(loaded.model)
+    console.print(
+        f"cpu: {machine['cpu']}; kernels: {machine['kernel']}; {machine['threads']} threads; "
+        f"streaming read {machine['bandwidth_gb_s']:.1f} GB/s"
+        + (
+            f"; target {machine['weight_format']} reads {machine['decode_mb']:.0f} MB a token: "
+            f"bound {machine['bound_tokens_per_s']:.0f} tok/s"
+            if machine.get("decode_mb")
+            else ""
+        )
+    )
     max_len = min(max_len, getattr(loaded.model, "max_position_embeddings", max_len))
     ctx = BenchContext(loaded, draft, k, max_len)
     if cascade is not None:
@@ -159,6 +171,7 @@ def run_bench(
         task = progress.add_task("perplexity", total=len(rows))
         ppl = _perplexities(ctx.target, rows, results, order, lambda: progress.advance(task))
     report = _report(rows, results, order, loaded, ctx, max_new_tokens, chat)
+    report["config"].update(machine)
     for name in order:
         report["methods"][name]["peak_rss_mb"] = peak_mb.get(name)
         report["methods"][name]["perplexity"] = ppl[name]
@@ -167,6 +180,28 @@ def run_bench(
     _print_table(console, report, Table)
     _print_stages(console, report, Table)
     return report
+
+
+def _machine(target) -> dict:
+    """The CPU, the kernel variant, the streaming read bandwidth, and the bound it puts on decoding."""
+    from ..engine import kernels
+    from ..engine.model import Transformer
+
+    k = kernels.get()
+    out = {"cpu": kernels.cpu_name(), "kernel": k.variant if k else "torch", "threads": torch.get_num_threads()}
+    if k is not None:
+        out["bandwidth_gb_s"] = k.stream_bandwidth() / 1e9
+    else:  # PyTorch's own reduction as the probe
+        buf = torch.ones(128 * 2**20)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            buf.sum()
+        out["bandwidth_gb_s"] = 3 * buf.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    if isinstance(target, Transformer):
+        out["weight_format"] = target.weight_format
+        out["decode_mb"] = target.decode_bytes / 1e6
+        out["bound_tokens_per_s"] = out["bandwidth_gb_s"] * 1e3 / out["decode_mb"]
+    return out
 
 
 def _reset_peak_rss() -> None:
@@ -450,36 +485,27 @@ def _print_stages(console, report, Table) -> None:
 
 
 def _print_table(console, report, Table) -> None:
-    t = Table(title=f"{report['config']['prompts']} prompts, {report['config']['max_new_tokens']} new tokens")
-    cols = (
-        "method",
-        "tok/s",
-        "decode tok/s",
-        "predicted",
-        "vs ar",
-        "vs hf",
-        "accept",
-        "tokens/round",
-        "= ar",
-        "PPL",
-        "peak MB",
-    )
+    """One line per method, short columns (80 wide); perplexity and peak memory are in the JSON and report."""
+    cfg = report["config"]
+    t = Table(title=f"{cfg['prompts']} prompts, {cfg['max_new_tokens']} new tokens", box=None, pad_edge=False)
+    cols = ("method", "tok/s", "dec/s", "pred", "vs ar", "accept", "tok/rd", "=ar", "samp p")
     for col in cols:
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for name, m in report["methods"].items():
         t.add_row(
             name,
             f"{m['tokens_per_s']:.1f}",
             f"{m['decode_tokens_per_s']:.1f}" if m.get("decode_tokens_per_s") else "-",
-            f"{m['predicted_decode_tokens_per_s']:.1f} ({m['prediction_error']:+.0%})"
-            if "prediction_error" in m
-            else "-",
-            f"{m.get('speedup_vs_ar', 0):.2f}x" if "speedup_vs_ar" in m else "-",
+            f"{m['predicted_decode_tokens_per_s']:.0f}{m['prediction_error']:+.0%}" if "prediction_error" in m else "-",
+            f"{m['speedup_vs_ar']:.2f}x" if "speedup_vs_ar" in m else "-",
             f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",
             f"{m['mean_accepted_length']:.2f}" if "mean_accepted_length" in m else "-",
             {True: "yes", False: "NO"}.get(m.get("identical_to_ar"), "-"),
             f"{m['sampling_check']['p_value']:.2g}" if "sampling_check" in m else "-",
-            f"{m['perplexity']:.3f}" if m.get("perplexity") else "-",
-            f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "-",
         )
     console.print(t)
+    if "bound_tokens_per_s" in cfg:
+        console.print(
+            f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
+            f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s"
+        )

@@ -54,6 +54,7 @@ class LoadedModel:
     native: bool
     load_seconds: float
     precision: str = "stored"
+    source: str = ""  # what the user named, resolved: a .gguf file or a model directory
 
 
 def cache_dir() -> Path:
@@ -246,7 +247,8 @@ def load_model(
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CascadeError(f"cannot load model {spec!r}: {msg}") from e
         model = HFCausalLM(hf)
-    return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0, precision)
+    source = str(resolve(spec)[1])
+    return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0, precision, source)
 
 
 def _native(args: ModelArgs, sd: dict, precision: str, spec) -> Transformer:
@@ -405,7 +407,7 @@ def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> 
         config["eos_token_id"] = tokenizer.eos_token_id
     args = ModelArgs.from_hf_config(_Config(config))
     model = _native(args, sd, precision, gguf)
-    return LoadedModel(model, tokenizer, name, str(tok_dir), True, 0.0, precision)
+    return LoadedModel(model, tokenizer, name, str(tok_dir), True, 0.0, precision, str(gguf))
 
 
 def _hub_snapshot(repo_id: str) -> Path:

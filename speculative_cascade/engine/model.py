@@ -161,7 +161,8 @@ def sc_mat(packed: PackedWeight, bias: torch.Tensor | None) -> kernels.SCMat:
     N, K = packed.shape
     sm = 0 if packed.sm is None else packed.sm.data_ptr()
     b = None if bias is None else bias.data_ptr()
-    return kernels.SCMat(int(packed.fmt), packed.group, N, K, packed.data.data_ptr(), sm, b)
+    f16 = int(packed.sm is not None and packed.sm.dtype == torch.float16)
+    return kernels.SCMat(int(packed.fmt), packed.group, N, K, f16, packed.data.data_ptr(), sm, b)
 
 
 class Embedding(nn.Module):
@@ -255,11 +256,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
         self._rope_cache: torch.Tensor | None = None
+        self._rot_cache: torch.Tensor | None = None
         self._fused: tuple | bool | None = None  # the C layer descriptors, built on first use
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may move
         self._fused = None
-        self._rope_cache = None
+        self._rope_cache = self._rot_cache = None
         return super()._apply(fn, *args, **kwargs)
 
     # -- helpers -------------------------------------------------------------------------
@@ -292,6 +294,12 @@ class Transformer(nn.Module):
         """The formats of the decoder's matrices, e.g. ``Q4`` or ``Q4+I8`` (head apart)."""
         fmts = sorted({lin.packed.fmt.name for blk in self.layers for lin in _linears(blk)})
         return "+".join(fmts) + f" (head {self.output.packed.fmt.name})"
+
+    def _rot_table(self, length: int) -> torch.Tensor:
+        """The rotations as real (cos, sin) pairs ``(n, head_dim / 2, 2)``, contiguous (for the C kernels)."""
+        if self._rot_cache is None or self._rot_cache.shape[0] < length:
+            self._rot_cache = torch.view_as_real(self._rope_table(length)).contiguous()
+        return self._rot_cache
 
     def _rope_table(self, length: int) -> torch.Tensor:
         """Complex rotations ``(n, head_dim / 2)``: exp(i * pos * inv_freq), times the RoPE scale."""
@@ -326,19 +334,22 @@ class Transformer(nn.Module):
         assert B == cache.batch_size, "batch size differs from the cache's"
         starts = cache.seqlens
         assert max(starts) + T <= cache.max_seq_len, "KV cache overflow"
-        if positions is None:
-            if all(s == starts[0] for s in starts):
-                positions = torch.arange(starts[0], starts[0] + T, device=tokens.device).expand(B, T)
-            else:
-                positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        rope = self._rope_table(int(positions.max()) + 1)[positions]  # (B, T, hd/2) complex
         fused = self._fused_layers(cache)
         if fused is not None:
-            x = torch.cat([self._run_fused(fused, tokens[b], rope[b], cache, b, tree_mask) for b in range(B)])
+            rows = []
+            for b in range(B):
+                if positions is None:  # a slice of the table: no gather on the decoding path
+                    rot = self._rot_table(starts[b] + T)[starts[b] : starts[b] + T]
+                else:
+                    rot = self._rot_table(int(positions[b].max()) + 1)[positions[b]]
+                rows.append(self._run_fused(fused, tokens[b], rot, cache, b, tree_mask))
+            x = rows[0] if B == 1 else torch.cat(rows)
         else:
+            if positions is None:
+                positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+            freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2) complex
             x = self.tok_embeddings(tokens)  # (B, T, dim)
             mask = self._mask(starts, T, tree_mask, tokens.device)
-            freqs = rope[:, :, None]  # (B, T, 1, hd/2)
             for i, layer in enumerate(self.layers):
                 x = layer.forward(x, freqs, cache, i, mask)
         cache.advance(T)
@@ -379,13 +390,13 @@ class Transformer(nn.Module):
         dims = kernels.SCDims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, a.norm_eps)
         return arr, dims
 
-    def _run_fused(self, fused, tokens: torch.Tensor, rope: torch.Tensor, cache: KVCache, row: int,
+    def _run_fused(self, fused, tokens: torch.Tensor, rot: torch.Tensor, cache: KVCache, row: int,
                    tree_mask: torch.Tensor | None) -> torch.Tensor:
-        """Every layer of one row in one ``sc_forward`` call: tokens (T,) -> hidden states (1, T, dim)."""
+        """Every layer of one row in one ``sc_forward`` call: tokens (T,) -> hidden states (1, T, dim).
+        rot: (T, hd/2, 2) contiguous (cos, sin) of each token's position."""
         k, layers, dims = fused
         T = tokens.shape[0]
         x = self.tok_embeddings(tokens).contiguous()  # (T, dim)
-        rot = torch.view_as_real(rope).contiguous()  # (T, hd/2, 2): cos, sin
         mask = None if tree_mask is None else tree_mask[row].to(torch.uint8).contiguous()
         kv_row = cache.k.stride(1) * row * 4
         status = k.lib.sc_forward(
@@ -436,6 +447,19 @@ class Transformer(nn.Module):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def decode_bytes(self) -> int:
+        """Weight bytes one decoding step reads: every matrix once (an untied embedding table
+        only by the rows it looks up, so not at all here)."""
+        seen, total = set(), 0
+        for m in self.modules():
+            ts = m.packed.tensors() if isinstance(m, Linear) else [m.weight] if isinstance(m, RMSNorm) else []
+            for t in ts:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
         return total
 
     def num_parameters(self) -> int:

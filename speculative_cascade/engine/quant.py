@@ -99,7 +99,7 @@ def _quantized_copy(model: Transformer, make, tag: str) -> Transformer:
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
                 setattr(parent, name, make(None if parent is q else parent, child))
-    q._rope_cache = None
+    q._rope_cache = q._rot_cache = None
     q._fused = None
     q.quantized = tag
     return q

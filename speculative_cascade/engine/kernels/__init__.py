@@ -52,6 +52,7 @@ class SCMat(ctypes.Structure):
         ("group", ctypes.c_int),
         ("n", ctypes.c_int),
         ("k", ctypes.c_int),
+        ("sm_f16", ctypes.c_int),
         ("w", ctypes.c_void_p),
         ("sm", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
@@ -112,7 +113,24 @@ class Kernels:
             ctypes.c_int,
         ]
         lib.sc_forward.restype = ctypes.c_int
+        lib.sc_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+        lib.sc_stream_sum.restype = ctypes.c_float
         return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass())
+
+    def stream_bandwidth(self, megabytes: int = 512, repeats: int = 5) -> float:
+        """This machine's streaming read bandwidth in bytes/s (best of ``repeats`` reads of a buffer
+        much larger than the caches), with the threads the kernels use."""
+        import time
+
+        import torch
+
+        buf = torch.ones(megabytes * 2**20 // 4)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.lib.sc_stream_sum(buf.data_ptr(), buf.numel())
+            best = min(best, time.perf_counter() - t0)
+        return buf.numel() * 4 / best
 
 
 def cpu_variants() -> list[str]:

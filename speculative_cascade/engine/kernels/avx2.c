@@ -17,6 +17,7 @@ static inline vf cvt_u4(const unsigned char *p, int hi) {
     return (vf)_mm256_cvtepi32_ps(b);
 }
 static inline vf cvt_f16(const unsigned short *p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline float half_to_float(unsigned short h) { return _cvtsh_ss(h); }
 static inline vf cvt_bf16(const unsigned short *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));

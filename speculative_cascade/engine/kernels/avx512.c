@@ -17,6 +17,7 @@ static inline vf cvt_u4(const unsigned char *p, int hi) {
     return (vf)_mm512_cvtepi32_ps(b);
 }
 static inline vf cvt_f16(const unsigned short *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline float half_to_float(unsigned short h) { return _cvtsh_ss(h); }
 static inline vf cvt_bf16(const unsigned short *p) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));

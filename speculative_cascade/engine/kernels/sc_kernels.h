@@ -10,7 +10,7 @@
  *   vload(p), vsplat(x)
  *   cvt_i8(p)           VW int8          -> vf
  *   cvt_u4(p, hi)       VW bytes' low (hi = 0) or high (hi = 1) nibbles -> vf
- *   cvt_f16(p), cvt_bf16(p)
+ *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
  *
  * Weights stay in their stored format (sc_mat.fmt, mirrored by engine/formats.py's Format):
@@ -39,11 +39,12 @@
 
 enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4 };
 
-/* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) floats. */
+/* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
+ * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored). */
 typedef struct {
-    int fmt, group, n, k;
+    int fmt, group, n, k, sm_f16;
     const void *w;
-    const float *sm;
+    const void *sm;
     const float *bias;
 } sc_mat;
 
@@ -95,8 +96,15 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
     for (int g = 0; g < ng; g++) {
         float d[RBMAX], m[RBMAX];
         SC_UNROLL for (int j = 0; j < RB; j++) {
-            d[j] = quant ? W->sm[((size_t)(n0 + j) * ng + g) * 2] : 0.f;
-            m[j] = quant ? W->sm[((size_t)(n0 + j) * ng + g) * 2 + 1] : 0.f;
+            size_t at = ((size_t)(n0 + j) * ng + g) * 2;
+            if (!quant) d[j] = m[j] = 0.f;
+            else if (W->sm_f16) {
+                d[j] = half_to_float(((const uint16_t *)W->sm)[at]);
+                m[j] = half_to_float(((const uint16_t *)W->sm)[at + 1]);
+            } else {
+                d[j] = ((const float *)W->sm)[at];
+                m[j] = ((const float *)W->sm)[at + 1];
+            }
         }
         for (int kk = 0; kk < G; kk += VW) {
             int k = g * G + kk;
@@ -336,6 +344,23 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
     }
     free(buf);
     return failed;
+}
+
+/* Sum of n floats read once, split over the threads: a streaming-read bandwidth probe. */
+float sc_stream_sum(const float *p, long long n) {
+    float total = 0.f;
+#pragma omp parallel
+    {
+        vf acc[4] = {vsplat(0.f), vsplat(0.f), vsplat(0.f), vsplat(0.f)};
+        long long nv = n / (4 * VW);
+#pragma omp for schedule(static)
+        for (long long i = 0; i < nv; i++)
+            for (int j = 0; j < 4; j++) acc[j] = acc[j] + vload(p + (i * 4 + j) * VW);
+        float s = hsum(acc[0] + acc[1] + acc[2] + acc[3]);
+#pragma omp atomic
+        total += s;
+    }
+    return total;
 }
 
 const char *sc_variant(void) { return SC_VARIANT; }

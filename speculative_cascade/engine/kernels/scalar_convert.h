@@ -2,7 +2,7 @@
  * (__builtin_convertvector), and fp16 lane by lane. */
 typedef signed char vi8 __attribute__((vector_size(VW)));
 typedef unsigned char vu8 __attribute__((vector_size(VW)));
-static inline float sc_half_to_float(unsigned short h) {
+static inline float half_to_float(unsigned short h) {
     unsigned int sign = (unsigned int)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
     if (exp == 31) bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
     else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
@@ -27,7 +27,7 @@ static inline vf cvt_u4(const unsigned char *p, int hi) {
     b = hi ? b >> 4 : b & 15;
     return __builtin_convertvector(b, vf);
 }
-static inline vf cvt_f16(const unsigned short *p) { vf v; for (int i = 0; i < VW; i++) v[i] = sc_half_to_float(p[i]); return v; }
+static inline vf cvt_f16(const unsigned short *p) { vf v; for (int i = 0; i < VW; i++) v[i] = half_to_float(p[i]); return v; }
 static inline vf cvt_bf16(const unsigned short *p) {
     vf v;
     for (int i = 0; i < VW; i++) {
