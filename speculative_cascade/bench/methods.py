@@ -164,20 +164,20 @@ class LlamaCpp(Method):
         eos = self.ctx.eos_ids()
         out: list[int] = []
         t0 = time.perf_counter()
-        # Prefill as the native methods do: every prompt token but the last; generate() then finds
-        # that prefix in the cache and decodes from the last prompt token on.
-        self.llm.reset()
-        if len(prompt_ids) > 1:
-            self.llm.eval(prompt_ids[:-1])
-        t1 = time.perf_counter()
+        t_first = None
         for tok in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            if t_first is None:
+                t_first = time.perf_counter()  # the prompt's prefill and the first token
             if tok in eos:
                 break
             out.append(int(tok))
             if len(out) >= max_new_tokens:
                 break
         end = time.perf_counter()
-        return Result(out, end - t0, end - t1)
+        # decode time: the mean time of the tokens after the first, for every token (the native
+        # methods count the first token's step, which reads the last prompt token, as decoding)
+        decode = (end - t_first) * len(out) / (len(out) - 1) if t_first and len(out) > 1 else None
+        return Result(out, end - t0, decode)
 
 
 class LlamaCppLookup(LlamaCpp):

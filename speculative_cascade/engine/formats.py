@@ -10,12 +10,13 @@ F32       float32 (N, K)                                as is
 F16       float16 (N, K)                                exact widening
 BF16      bfloat16 (N, K)                               exact widening
 I8        int8 (N, K), ``sm`` (N, K / group, 2)         ``q * scale + min`` per group, one rounding
-Q4        uint8 (N, K / 2), ``sm`` (N, K / 32, 2)       same, 4-bit ``q`` (GGML Q4_1 nibble order)
+Q4        uint8 (N/8, K/32, 8, 16), ``sm`` likewise     same, 4-bit ``q`` (GGML Q4_1 nibble order)
 ========  ============================================  ===========================================
 
 GGUF's Q8_0 (I8, groups of 32), Q4_0, Q4_1 and Q4_K (Q4: the K-quant's 6-bit sub-block
 scales are folded into exact fp32 scales and mins) and Q6_K (I8, groups of 16) are
-repacked without changing a single dequantized value; other GGUF types are dequantized
+repacked without changing a single dequantized value (Q4 rows interleaved in blocks of
+eight, group by group, so a kernel reading eight rows streams one contiguous block); other GGUF types are dequantized
 to F32 by the ``gguf`` package. The INT8 draft is I8 with one group per row.
 """
 
@@ -37,6 +38,7 @@ class Format(IntEnum):
 
 
 _QUANTIZED = (Format.I8, Format.Q4)
+Q4_ROWS = 8  # rows interleaved per block in the Q4 layout
 _TORCH_DTYPE = {Format.F32: torch.float32, Format.F16: torch.float16, Format.BF16: torch.bfloat16}
 
 
@@ -67,23 +69,39 @@ class PackedWeight:
 
     @classmethod
     def q4(cls, packed: torch.Tensor, sm: torch.Tensor) -> "PackedWeight":
-        """Nibbles ``(N, K / 2)`` in GGML Q4_1 order with ``sm (N, K / 32, 2)``."""
+        """Nibbles ``(N, K / 2)`` in GGML Q4_1 order with ``sm (N, K / 32, 2)``, rows interleaved in
+        blocks of eight: ``(N / 8, K / 32, 8, 16)``. N not a multiple of 8: I8 (exact)."""
         N, half = packed.shape
-        return cls(Format.Q4, packed.contiguous(), _compact(sm.float()), 32, (N, 2 * half))
+        G = half // 16
+        if N % Q4_ROWS:
+            b = packed.view(N, G, 16)
+            q = torch.cat([b & 15, b >> 4], -1).reshape(N, 2 * half).to(torch.int8)
+            return cls.int8(q, sm[..., 0], sm[..., 1])
+        data = packed.reshape(N // Q4_ROWS, Q4_ROWS, G, 16).transpose(1, 2).contiguous()
+        sm = _compact(sm.float()).reshape(N // Q4_ROWS, Q4_ROWS, G, 2).transpose(1, 2).contiguous()
+        return cls(Format.Q4, data, sm, 32, (N, 2 * half))
 
     # -- reading -------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
         return self.fmt in _QUANTIZED
 
+    def _q4_rows(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nibbles (n, K / 32, 16), sm (n, K / 32, 2)) of some rows, in row order."""
+        idx = torch.arange(self.shape[0])[rows].reshape(-1)
+        b, j = idx // Q4_ROWS, idx % Q4_ROWS
+        return self.data[b, :, j, :], self.sm[b, :, j, :]
+
+    def row_sm(self, rows=slice(None)) -> torch.Tensor:
+        """(scale, min) pairs of some rows (quantized formats), in row order: (n, K / group, 2)."""
+        return self._q4_rows(rows)[1] if self.fmt == Format.Q4 else self.sm[rows]
+
     def codes(self, rows=slice(None)) -> torch.Tensor:
         """Integer codes as float32 (quantized formats): (n, K)."""
         if self.fmt == Format.I8:
             return self.data[rows].float()
-        b = self.data[rows]
-        n = b.shape[0]
-        b = b.view(n, -1, 16)
-        return torch.cat([b & 15, b >> 4], -1).reshape(n, -1).float()
+        b = self._q4_rows(rows)[0]
+        return torch.cat([b & 15, b >> 4], -1).reshape(b.shape[0], -1).float()
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         """The fp32 matrix (or some of its rows), exactly as the kernels see it."""
@@ -91,7 +109,7 @@ class PackedWeight:
             return self.data[rows].float()
         q = self.codes(rows)
         n, K = q.shape
-        sm = self.sm[rows]
+        sm = self.row_sm(rows)
         q = q.view(n, K // self.group, self.group)
         # q * scale + min with one rounding, as the kernels' fused multiply-add: in float64
         # q * scale is exact (an integer times a float32), so the single rounding is the add's.
@@ -105,7 +123,7 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.numel() * 4)
+        return self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.nbytes)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.data] + ([] if self.sm is None else [self.sm])
@@ -113,6 +131,9 @@ class PackedWeight:
     # -- reshaping -----------------------------------------------------------------------
     def select_rows(self, perm: torch.Tensor) -> "PackedWeight":
         """Rows reordered (exact in every format)."""
+        if self.fmt == Format.Q4:
+            b, sm = self._q4_rows(perm)
+            return PackedWeight.q4(b.reshape(len(perm), -1), sm)
         return PackedWeight(self.fmt, self.data[perm].contiguous(), None if self.sm is None else
                             self.sm[perm].contiguous(), self.group, (len(perm), self.shape[1]))
 
@@ -120,7 +141,7 @@ class PackedWeight:
         """Quantized weights as I8 with smaller groups (exact)."""
         assert self.quantized and self.group % group == 0
         q = self.codes().to(torch.int8)
-        sm = self.sm.repeat_interleave(self.group // group, dim=1)
+        sm = self.row_sm().repeat_interleave(self.group // group, dim=1)
         return PackedWeight(Format.I8, q.contiguous(), sm.contiguous(), group, self.shape)
 
 

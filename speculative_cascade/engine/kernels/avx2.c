@@ -25,6 +25,6 @@ static inline vf cvt_bf16(const unsigned short *p) {
 
 /* 16 registers: R x RB accumulators + R x vectors + the weight vector and its scale, min and mask. */
 #define RMAX 4
-#define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : (R) == 3 ? 3 : 2)
+#define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : 2)
 
 #include "sc_kernels.h"

@@ -23,8 +23,18 @@ static inline vf cvt_bf16(const unsigned short *p) {
     return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+/* 16 nibbles as indices into the group's 16 dequantized values: vpermps reads the low 4 bits of
+ * each index, so the low nibbles need no mask. */
+#define SC_LUT16
+#define IOTA16 ((vf){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+static inline vf lut_u4(const unsigned char *p, int hi, vf lut) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    if (hi) b = _mm512_srli_epi32(b, 4);
+    return (vf)_mm512_permutexvar_ps(b, (__m512)lut);
+}
+
 /* R rows x RB weight rows accumulators, plus R x vectors and a weight vector, within 32 registers. */
 #define RMAX 6
-#define RB_FOR(R) ((R) <= 2 ? 8 : (R) == 3 ? 6 : (R) == 4 ? 5 : (R) == 5 ? 4 : 3)
+#define RB_FOR(R) ((R) <= 2 ? 8 : 4)
 
 #include "sc_kernels.h"

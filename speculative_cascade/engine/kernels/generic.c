@@ -18,6 +18,6 @@ static inline vf generic_deq(vf q, vf d, vf m) {
 #include "scalar_convert.h"
 
 #define RMAX 4
-#define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : (R) == 3 ? 3 : 2)
+#define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : 2)
 
 #include "sc_kernels.h"

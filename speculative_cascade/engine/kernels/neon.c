@@ -10,6 +10,6 @@ static inline vf vfma(vf a, vf b, vf c) { return (vf)vfmaq_f32((float32x4_t)c, (
 #include "scalar_convert.h"
 
 #define RMAX 6
-#define RB_FOR(R) ((R) <= 2 ? 8 : (R) == 3 ? 6 : (R) == 4 ? 5 : (R) == 5 ? 4 : 3)
+#define RB_FOR(R) ((R) <= 2 ? 8 : 4)
 
 #include "sc_kernels.h"

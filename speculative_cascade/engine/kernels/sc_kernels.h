@@ -12,11 +12,15 @@
  *   cvt_u4(p, hi)       VW bytes' low (hi = 0) or high (hi = 1) nibbles -> vf
  *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
+ *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
+ *                       the group's 16 dequantized values (one permute instead of convert + FMA)
  *
  * Weights stay in their stored format (sc_mat.fmt, mirrored by engine/formats.py's Format):
  * fp32, fp16, bf16, int8 with a (scale, min) pair per group of `group` inputs, or 4-bit
  * nibbles with a (scale, min) pair per 32 (GGML's Q4_1 layout: byte i of a group holds
- * element i in its low nibble and element i + 16 in its high one). Each weight vector is
+ * element i in its low nibble and element i + 16 in its high one), rows interleaved in blocks
+ * of Q4_ROWS: group by group, the block's rows' 16 bytes (and scale pairs) follow each other,
+ * so a tile of weight rows reads one contiguous stream. RB_FOR(R) divides Q4_ROWS. Each weight vector is
  * dequantized in registers (q * scale + min, one rounding: exactly the fp32 dequantization)
  * and multiplied into fp32 accumulators. Activations stay fp32.
  *
@@ -63,11 +67,39 @@ typedef struct {
 #endif
 #define SC_UNROLL _Pragma("GCC unroll 16")
 #define RBMAX 8
+#define Q4_ROWS 8
 
+typedef int vi __attribute__((vector_size(VW * 4)));
+
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* exp(x) for VW lanes: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, then
+ * 2^n through the exponent bits. Relative error ~2e-7; the same arithmetic in every pass. */
+static inline vf vexp(vf x) {
+    const vf lo = vsplat(-87.0f), hi = vsplat(88.0f), magic = vsplat(12582912.0f); /* 1.5 * 2^23 */
+    x = vselect(x < lo, lo, x);
+    x = vselect(x > hi, hi, x);
+    vf n = (x * vsplat(1.44269504088896341f) + magic) - magic; /* round(x / ln2) */
+    vf r = vfma(n, vsplat(-0.693359375f), x);
+    r = vfma(n, vsplat(2.12194440e-4f), r);
+    vf p = vsplat(1.9875691500e-4f);
+    p = vfma(p, r, vsplat(1.3981999507e-3f));
+    p = vfma(p, r, vsplat(8.3334519073e-3f));
+    p = vfma(p, r, vsplat(4.1665795894e-2f));
+    p = vfma(p, r, vsplat(1.6666665459e-1f));
+    p = vfma(p, r, vsplat(5.0000001201e-1f));
+    p = vfma(p, r * r, r + vsplat(1.0f));
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
+}
+
+/* The lanes' sum as a tree (fixed order: lanes i and i + w/2 first), log2(VW) dependent adds. */
 static inline float hsum(vf v) {
-    float s = 0.f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
+    float a[VW];
+    memcpy(a, &v, sizeof v);
+    for (int w = VW / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
 }
 
 /* VW weights of row n at input k, dequantized; d, m: the group's scale and min. */
@@ -80,7 +112,8 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     case SC_BF16: return cvt_bf16((const uint16_t *)W->w + n * K + k);
     case SC_I8: return vdeq(cvt_i8((const int8_t *)W->w + n * K + k), vsplat(d), vsplat(m));
     default: {
-        const uint8_t *p = (const uint8_t *)W->w + n * (K / 2) + (size_t)(k / 32) * 16 + (k & 15);
+        size_t ng = K / 32, at = ((n / Q4_ROWS) * ng + k / 32) * Q4_ROWS + n % Q4_ROWS;
+        const uint8_t *p = (const uint8_t *)W->w + at * 16 + (k & 15);
         return vdeq(cvt_u4(p, (k & 31) >= 16), vsplat(d), vsplat(m));
     }
     }
@@ -96,7 +129,8 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
     for (int g = 0; g < ng; g++) {
         float d[RBMAX], m[RBMAX];
         SC_UNROLL for (int j = 0; j < RB; j++) {
-            size_t at = ((size_t)(n0 + j) * ng + g) * 2;
+            size_t n = (size_t)(n0 + j);
+            size_t at = 2 * (fmt == SC_Q4 ? ((n / Q4_ROWS) * ng + g) * Q4_ROWS + n % Q4_ROWS : n * ng + g);
             if (!quant) d[j] = m[j] = 0.f;
             else if (W->sm_f16) {
                 d[j] = half_to_float(((const uint16_t *)W->sm)[at]);
@@ -106,6 +140,23 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                 m[j] = ((const float *)W->sm)[at + 1];
             }
         }
+#ifdef SC_LUT16
+        if (fmt == SC_Q4) { /* q * d + m for q = 0..15 once per group, then one permute per 16 weights */
+            vf lut[RBMAX];
+            SC_UNROLL for (int j = 0; j < RB; j++) lut[j] = vdeq(IOTA16, vsplat(d[j]), vsplat(m[j]));
+            const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
+            SC_UNROLL for (int hi = 0; hi < 2; hi++) {
+                int k = g * 32 + 16 * hi;
+                vf xv[RMAX];
+                SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
+                SC_UNROLL for (int j = 0; j < RB; j++) {
+                    vf w = lut_u4(base + (size_t)j * 16, hi, lut[j]);
+                    SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(xv[r], w, acc[r][j]);
+                }
+            }
+            continue;
+        }
+#endif
         for (int kk = 0; kk < G; kk += VW) {
             int k = g * G + kk;
             vf xv[RMAX];
@@ -211,21 +262,31 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* Is slot s visible to new token t? Cached slots (s < start) always; new slot start + u when
- * mask[t, u] (a tree), or u <= t (causal) without a mask. */
-static inline int visible(const unsigned char *mask, int T, int start, int t, int s) {
-    if (s < start) return 1;
-    int u = s - start;
-    return mask ? mask[(size_t)t * T + u] : u <= t;
+/* Attention reads the visible keys of each new token in a fixed order (the cached prefix, then
+ * its visible new slots) in chunks of KV_CHUNK: a chunk's softmax partial (max, sum, weighted
+ * values) is computed by one job for all the query heads that share a KV head (each key and
+ * value is read once per group), and the partials are merged in chunk order. The chunks are a
+ * count of visible keys, not slots or threads, so a token's result is the same whatever the
+ * number of new tokens, their tree or the thread count. */
+#define KV_CHUNK 64
+#define T_BLOCK 16 /* new tokens whose partials are held at once */
+
+/* The i-th visible slot of new token t: the cached prefix, then the new slots its mask allows. */
+static inline int vis_slot(const int *vis_new, int T, int start, int t, int i) {
+    if (i < start) return i;
+    return start + (vis_new ? vis_new[(size_t)t * T + (i - start)] : i - start);
 }
 
 /* Attention of one layer for T new tokens of one sequence (inside a parallel region).
  *   qkv (T, (nh + 2 nkv) hd), q and k rows in interleaved RoPE order; rot (T, hd / 2, 2) (cos, sin)
  *   kc, vc (nkv, S_max, hd): the layer's cache for this sequence; new tokens go to slots start + t
- *   q (T, nh, hd) scratch; sc: this thread's scratch of start + T floats; out (T, nh hd) */
-static void attention(const float *qkv, const float *rot, float *kc, float *vc, float *q, float *out, float *sc,
-                      const unsigned char *mask, int T, int start, int S_max, int nh, int nkv, int hd) {
+ *   q (T, nh, hd) scratch; part: T_BLOCK * nh * n_chunks * (hd + 2) floats; sc: this thread's
+ *   group * KV_CHUNK floats; vis_new, n_vis: visible new slots and counts per token; out (T, nh hd) */
+static void attention(const float *qkv, const float *rot, float *kc, float *vc, float *q, float *part, float *sc,
+                      const int *vis_new, const int *n_vis, float *out, int T, int start, int S_max, int nh, int nkv,
+                      int hd) {
     int width = (nh + 2 * nkv) * hd, half = hd / 2, group = nh / nkv;
+    int n_chunks = (start + T + KV_CHUNK - 1) / KV_CHUNK, stride = hd + 2;
     float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++) {
@@ -242,47 +303,72 @@ static void attention(const float *qkv, const float *rot, float *kc, float *vc, 
         for (int g = 0; g < nkv; g++)
             memcpy(vc + ((size_t)g * S_max + start + t) * hd, row + (size_t)(nh + nkv + g) * hd, hd * sizeof(float));
     }
-    int n = start + T;
+    for (int t0 = 0; t0 < T; t0 += T_BLOCK) {
+        int tb = T - t0 < T_BLOCK ? T - t0 : T_BLOCK;
 #pragma omp for schedule(static)
-    for (int job = 0; job < nh * T; job++) {
-        int h = job % nh, t = job / nh;
-        const float *qh = q + ((size_t)t * nh + h) * hd;
-        const float *kg = kc + (size_t)(h / group) * S_max * hd, *vg = vc + (size_t)(h / group) * S_max * hd;
-        float mx = -INFINITY;
-        for (int s = 0; s < n; s++) {
-            if (!visible(mask, T, start, t, s)) continue;
-            sc[s] = dot(qh, kg + (size_t)s * hd, hd) * scale;
-            if (sc[s] > mx) mx = sc[s];
+        for (int job = 0; job < tb * nkv * n_chunks; job++) {
+            int c = job % n_chunks, g = (job / n_chunks) % nkv, t = t0 + job / (n_chunks * nkv);
+            int i0 = c * KV_CHUNK, i1 = i0 + KV_CHUNK < n_vis[t] ? i0 + KV_CHUNK : n_vis[t];
+            if (i0 >= i1) continue;
+            const float *kg = kc + (size_t)g * S_max * hd, *vg = vc + (size_t)g * S_max * hd;
+            for (int e = 0; e < group; e++) {
+                int h = g * group + e;
+                const float *qh = q + ((size_t)t * nh + h) * hd;
+                float *se = sc + (size_t)e * KV_CHUNK, mx = -INFINITY;
+                for (int i = i0; i < i1; i++) {
+                    float v = dot(qh, kg + (size_t)vis_slot(vis_new, T, start, t, i) * hd, hd) * scale;
+                    se[i - i0] = v;
+                    if (v > mx) mx = v;
+                }
+                int len = i1 - i0, i = 0;
+                vf vs = vsplat(0.f);
+                for (; i + VW <= len; i += VW) {
+                    vf e = vexp(vload(se + i) - vsplat(mx));
+                    memcpy(se + i, &e, sizeof e);
+                    vs = vs + e;
+                }
+                float sum = hsum(vs);
+                if (i < len) { /* the chunk's tail, through the same vector exp */
+                    float tmp[VW];
+                    for (int l = 0; l < VW; l++) tmp[l] = i + l < len ? se[i + l] - mx : -100.f;
+                    vf e = vexp(vload(tmp));
+                    for (int l = 0; i + l < len; l++) {
+                        se[i + l] = e[l];
+                        sum += e[l];
+                    }
+                }
+                float *pp = part + (((size_t)(t - t0) * nh + h) * n_chunks + c) * stride;
+                pp[0] = mx;
+                pp[1] = sum;
+                float *acc = pp + 2;
+                for (int d = 0; d < hd; d++) acc[d] = 0.f;
+                for (int i = i0; i < i1; i++) {
+                    const float *vs = vg + (size_t)vis_slot(vis_new, T, start, t, i) * hd;
+                    float p = se[i - i0];
+                    int d = 0;
+                    for (; d + VW <= hd; d += VW) {
+                        vf a = vfma(vsplat(p), vload(vs + d), vload(acc + d));
+                        memcpy(acc + d, &a, sizeof a);
+                    }
+                    for (; d < hd; d++) acc[d] += p * vs[d];
+                }
+            }
         }
-        float sum = 0.f;
-        for (int s = 0; s < n; s++) {
-            if (!visible(mask, T, start, t, s)) continue;
-            sc[s] = expf(sc[s] - mx);
-            sum += sc[s];
-        }
-        float inv = 1.0f / sum, *o = out + (size_t)t * nh * hd + (size_t)h * hd;
-        if (hd % VW == 0 && hd <= 32 * VW) { /* accumulate in registers */
-            vf acc[32];
-            int nv = hd / VW;
-            for (int i = 0; i < nv; i++) acc[i] = vsplat(0.f);
-            for (int s = 0; s < n; s++) {
-                if (!visible(mask, T, start, t, s)) continue;
-                const float *vs = vg + (size_t)s * hd;
-                vf p = vsplat(sc[s]);
-                for (int i = 0; i < nv; i++) acc[i] = vfma(p, vload(vs + VW * i), acc[i]);
+#pragma omp for schedule(static)
+        for (int th = 0; th < tb * nh; th++) {
+            int t = t0 + th / nh, h = th % nh, nc = (n_vis[t] + KV_CHUNK - 1) / KV_CHUNK;
+            const float *pp = part + ((size_t)(t - t0) * nh + h) * n_chunks * stride;
+            float mx = -INFINITY, sum = 0.f, *o = out + (size_t)t * nh * hd + (size_t)h * hd;
+            for (int c = 0; c < nc; c++)
+                if (pp[c * stride] > mx) mx = pp[c * stride];
+            for (int d = 0; d < hd; d++) o[d] = 0.f;
+            for (int c = 0; c < nc; c++) {
+                float w = expf(pp[c * stride] - mx);
+                sum += w * pp[c * stride + 1];
+                for (int d = 0; d < hd; d++) o[d] += w * pp[c * stride + 2 + d];
             }
-            for (int i = 0; i < nv; i++) {
-                vf r = acc[i] * vsplat(inv);
-                memcpy(o + VW * i, &r, sizeof r);
-            }
-        } else {
-            for (int i = 0; i < hd; i++) o[i] = 0.f;
-            for (int s = 0; s < n; s++) {
-                if (!visible(mask, T, start, t, s)) continue;
-                const float *vs = vg + (size_t)s * hd;
-                for (int i = 0; i < hd; i++) o[i] += sc[s] * vs[i];
-            }
-            for (int i = 0; i < hd; i++) o[i] *= inv;
+            float inv = 1.0f / sum;
+            for (int d = 0; d < hd; d++) o[d] *= inv;
         }
     }
 }
@@ -296,15 +382,34 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
                const unsigned char *mask, float *kc0, float *vc0, long long layer_stride, int start, int S_max) {
     int D = dm->dim, nh = dm->n_heads, nkv = dm->n_kv_heads, hd = dm->head_dim, H = dm->hidden;
     int qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
-    size_t need = (size_t)T * (D + qkv_w + att_w + att_w + D + 2 * H + H);
+    int n_chunks = (start + T + KV_CHUNK - 1) / KV_CHUNK, tb = T < T_BLOCK ? T : T_BLOCK;
+    size_t part_n = (size_t)tb * nh * n_chunks * (hd + 2);
+    size_t need = (size_t)T * (D + qkv_w + att_w + att_w + D + 2 * H + H) + part_n;
     float *buf = (float *)malloc(need * sizeof(float));
-    if (!buf) return 1;
+    int *n_vis = (int *)malloc((size_t)T * sizeof(int)), *vis_new = NULL;
+    if (mask) vis_new = (int *)malloc((size_t)T * T * sizeof(int));
+    if (!buf || !n_vis || (mask && !vis_new)) {
+        free(buf);
+        free(n_vis);
+        free(vis_new);
+        return 1;
+    }
     float *h = buf, *qkv = h + (size_t)T * D, *q = qkv + (size_t)T * qkv_w, *att = q + (size_t)T * att_w;
     float *o = att + (size_t)T * att_w, *gu = o + (size_t)T * D, *act = gu + (size_t)T * 2 * H;
+    float *part = act + (size_t)T * H;
+    for (int t = 0; t < T; t++) { /* each token's visible new slots, in slot order */
+        int n = 0;
+        for (int u = 0; u < T; u++)
+            if (mask ? mask[(size_t)t * T + u] : u <= t) {
+                if (vis_new) vis_new[(size_t)t * T + n] = u;
+                n++;
+            }
+        n_vis[t] = start + n;
+    }
     int failed = 0;
 #pragma omp parallel
     {
-        float *sc = (float *)malloc((size_t)(start + T) * sizeof(float));
+        float *sc = (float *)malloc((size_t)(nh / nkv) * KV_CHUNK * sizeof(float));
         if (!sc) {
 #pragma omp atomic write
             failed = 1;
@@ -317,7 +422,7 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * D, ly->attn_norm, h + (size_t)t * D, D, dm->eps);
                 par_matmul(&ly->qkv, h, T, qkv, qkv_w);
-                attention(qkv, rot, kc, vc, q, att, sc, mask, T, start, S_max, nh, nkv, hd);
+                attention(qkv, rot, kc, vc, q, part, sc, vis_new, n_vis, att, T, start, S_max, nh, nkv, hd);
                 par_matmul(&ly->o, att, T, o, D);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
@@ -330,7 +435,12 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
                 for (int t = 0; t < T; t++) {
                     const float *g = gu + (size_t)t * 2 * H, *u = g + H;
                     float *a = act + (size_t)t * H;
-                    for (int i = 0; i < H; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+                    int i = 0;
+                    for (; i + VW <= H; i += VW) {
+                        vf gv = vload(g + i), r = gv / (vsplat(1.0f) + vexp(vsplat(0.f) - gv)) * vload(u + i);
+                        memcpy(a + i, &r, sizeof r);
+                    }
+                    for (; i < H; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
                 }
                 par_matmul(&ly->down, act, T, o, D);
 #pragma omp for schedule(static)
@@ -343,6 +453,8 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
         free(sc);
     }
     free(buf);
+    free(n_vis);
+    free(vis_new);
     return failed;
 }
 
