@@ -335,32 +335,27 @@ class Transformer(nn.Module):
         starts = cache.seqlens
         assert max(starts) + T <= cache.max_seq_len, "KV cache overflow"
         fused = self._fused_layers(cache)
-        if fused is not None:
-            rows = []
+        if fused is not None:  # every layer, the final norm and the head: one C call per row
+            n_out = 1 if last_only else T
+            logits = torch.empty(B, n_out, self.args.vocab_size)
             for b in range(B):
                 if positions is None:  # a slice of the table: no gather on the decoding path
                     rot = self._rot_table(starts[b] + T)[starts[b] : starts[b] + T]
                 else:
                     rot = self._rot_table(int(positions[b].max()) + 1)[positions[b]]
-                rows.append(self._run_fused(fused, tokens[b], rot, cache, b, tree_mask))
-            x = rows[0] if B == 1 else torch.cat(rows)
-        else:
-            if positions is None:
-                positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-            freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2) complex
-            x = self.tok_embeddings(tokens)  # (B, T, dim)
-            mask = self._mask(starts, T, tree_mask, tokens.device)
-            for i, layer in enumerate(self.layers):
-                x = layer.forward(x, freqs, cache, i, mask)
+                self._run_fused(fused, tokens[b], rot, cache, b, tree_mask, logits[b])
+            cache.advance(T)
+            return logits
+        if positions is None:
+            positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+        freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2) complex
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        mask = self._mask(starts, T, tree_mask, tokens.device)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, freqs, cache, i, mask)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = x.contiguous()
-        if fused is not None:
-            h = torch.empty_like(x)
-            fused[0].lib.sc_rmsnorm(x.data_ptr(), self.norm.weight.data_ptr(), h.data_ptr(), x.numel() // x.shape[-1],
-                                   x.shape[-1], self.args.norm_eps)
-            return self.output.forward(h)
         return self.output.forward(self.norm.forward(x)).float()
 
     def _fused_layers(self, cache: KVCache):
@@ -388,13 +383,15 @@ class Transformer(nn.Module):
                 sc_mat(ff.w2.packed, ff.w2.bias),
             )
         dims = kernels.SCDims(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size, a.norm_eps)
-        return arr, dims
+        head = sc_mat(self.output.packed, self.output.bias)
+        return arr, dims, head
 
     def _run_fused(self, fused, tokens: torch.Tensor, rot: torch.Tensor, cache: KVCache, row: int,
-                   tree_mask: torch.Tensor | None) -> torch.Tensor:
-        """Every layer of one row in one ``sc_forward`` call: tokens (T,) -> hidden states (1, T, dim).
+                   tree_mask: torch.Tensor | None, logits: torch.Tensor) -> None:
+        """Every layer, the final norm and the head for one row in one ``sc_forward`` call:
+        tokens (T,) -> logits (n_out, vocab) of the last n_out tokens, written into ``logits``.
         rot: (T, hd/2, 2) contiguous (cos, sin) of each token's position."""
-        k, layers, dims = fused
+        k, layers, dims, head = fused
         T = tokens.shape[0]
         x = self.tok_embeddings(tokens).contiguous()  # (T, dim)
         mask = None if tree_mask is None else tree_mask[row].to(torch.uint8).contiguous()
@@ -403,10 +400,10 @@ class Transformer(nn.Module):
             layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), T, rot.data_ptr(),
             None if mask is None else mask.data_ptr(), cache.k.data_ptr() + kv_row, cache.v.data_ptr() + kv_row,
             cache.k.stride(0), cache.seqlens[row], cache.max_seq_len,
+            self.norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(), logits.shape[0],
         )
         if status:
             raise MemoryError("out of memory in the decoder kernels")
-        return x[None]
 
     @staticmethod
     def _mask(starts: list[int], T: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -111,6 +111,10 @@ class Kernels:
             ctypes.c_longlong,
             ctypes.c_int,
             ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.POINTER(SCMat),
+            ctypes.c_void_p,
+            ctypes.c_int,
         ]
         lib.sc_forward.restype = ctypes.c_int
         lib.sc_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong]

@@ -375,11 +375,13 @@ static void attention(const float *qkv, const float *rot, float *kc, float *vc, 
 
 /* Every decoder layer for T new tokens of one sequence, in one call and one parallel region:
  *   x += Wo attn(RoPE(Wqkv rmsnorm(x)));  x += Wd (silu(Wg h) * Wu h), h = rmsnorm(x)
- * x (T, dim) is updated in place. The layer l's cache is kc0 + l * layer_stride (and vc0),
+ * then, when head is given, logits (n_out, head.n) = head rmsnorm(x) (norm weights norm_w) for
+ * the last n_out tokens. x (T, dim) is updated in place. The layer l's cache is kc0 + l * layer_stride (and vc0),
  * laid out (nkv, S_max, hd). mask: (T, T) bytes for a token tree, or NULL for causal.
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int T, const float *rot,
-               const unsigned char *mask, float *kc0, float *vc0, long long layer_stride, int start, int S_max) {
+               const unsigned char *mask, float *kc0, float *vc0, long long layer_stride, int start, int S_max,
+               const float *norm_w, const sc_mat *head, float *logits, int n_out) {
     int D = dm->dim, nh = dm->n_heads, nkv = dm->n_kv_heads, hd = dm->head_dim, H = dm->hidden;
     int qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
     int n_chunks = (start + T + KV_CHUNK - 1) / KV_CHUNK, tb = T < T_BLOCK ? T : T_BLOCK;
@@ -448,6 +450,12 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
                     float *xt = x + (size_t)t * D, *ot = o + (size_t)t * D;
                     for (int i = 0; i < D; i++) xt[i] += ot[i];
                 }
+            }
+            if (head) {
+#pragma omp for schedule(static)
+                for (int t = 0; t < n_out; t++)
+                    rmsnorm_row(x + (size_t)(T - n_out + t) * D, norm_w, h + (size_t)t * D, D, dm->eps);
+                par_matmul(head, h, n_out, logits, head->n);
             }
         }
         free(sc);
