@@ -31,7 +31,10 @@ TARGET_HELP = "Target model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf
 PRECISION_HELP = (
     "The target's weights: 'stored' (as the file stores them: GGUF blocks, bf16; default) or 'fp32' (dequantized)."
 )
-DRAFT_HELP = "Draft model: 'int8' (INT8 copy of the target), 'none' (plain decoding), or a model like --target."
+DRAFT_HELP = (
+    "Draft model: 'int8' (INT8 copy of the target), 'none' (plain decoding), or a model like --target "
+    "(default: the default cascade for the target)."
+)
 
 
 def _fail(msg: str) -> None:
@@ -50,7 +53,9 @@ def _user_errors(path=""):
         _fail(f"{e.filename or path}: {e.strerror}")
 
 
-def _draft_arg(draft: str):
+def _draft_arg(draft: str | None):
+    if draft is None:
+        return "default"
     return None if draft.lower() in ("none", "ar", "off") else draft
 
 
@@ -101,8 +106,10 @@ def _cascade_config(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tr
         base = {"stages": [x.strip() for x in stages.split(",") if x.strip()]}
         if "k" not in over and "k_matrix" not in over:
             over["k"] = (3,) * (len(base["stages"]) - 1) + (8,)
-    elif draft != "int8" or target != "default":
-        return None
+    elif draft is not None or k is not None:
+        return None  # two-stage: --draft (INT8 copy unless named) with --k
+    elif not over:
+        return "default"  # resolved for the loaded target
     else:
         base = default_cascade().to_dict()
     base.update(over)
@@ -142,7 +149,7 @@ def print_stage_table(stats: dict) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
-    draft: str = typer.Option("int8", "--draft", "-d", help=DRAFT_HELP),
+    draft: Optional[str] = typer.Option(None, "--draft", "-d", help=DRAFT_HELP),
     cascade: Optional[Path] = typer.Option(None, "--cascade", "--config", "-c", help=CASCADE_HELP),
     stages: Optional[str] = typer.Option(
         None, "--stages", help="Drafting stages smallest first, e.g. 'mag,int8' or 'tiny,int8' (see docs)."
@@ -179,6 +186,10 @@ def generate(
         )
         if config == "plain":
             config, draft = None, "none"
+        elif config == "default":
+            config, draft = None, "default"
+        elif config is None and draft is None:
+            draft = "int8"
         kk = 8
         if config is None and k is not None:
             from .config import parse_k

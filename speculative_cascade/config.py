@@ -16,7 +16,8 @@ Stages are listed smallest first and exclude the target::
 
 A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
 with scale and min, INT8 output projection), ``fp32`` (the target's own weights with a cache
-of their own: the unquantized draft of the "no INT8" ablation), ``tiny`` (the tiny projection model
+of their own: the unquantized draft of the "no INT8" ablation), ``layers:N[:V]`` (the target's first
+N layers, weights shared, with the head cut to the first V tokens), ``tiny`` (the tiny projection model
 shipped for the embedded target, or ``tiny:PATH``), ``mag`` (MaG with the shipped bigram
 table for the embedded target, ``mag:PATH`` with another, ``mag:none`` with suffix matches
 only; ``mag_min_ngram`` sets the shortest match it proposes), or any model spec (a .gguf
@@ -212,6 +213,18 @@ def make_stage(
         return ModelStage(cache[kind], max_len, name=kind)
     if kind == "fp32":
         return ModelStage(target, max_len, name="fp32")
+    if kind == "layers":
+        from .engine.model import Transformer
+        from .engine.quant import truncated
+
+        if not isinstance(target, Transformer):
+            raise CascadeError("the layers draft needs a native target (Llama, Mistral or Qwen2 family)")
+        n, _, v = arg.partition(":")
+        try:
+            model = truncated(target, int(n), int(v) if v else None)
+        except ValueError as e:
+            raise CascadeError(f"stage {spec!r}: {e}") from None
+        return ModelStage(model, max_len, name=spec)
     if kind == "tiny":
         emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
         if emb is None:
@@ -234,6 +247,11 @@ def make_stage(
     from .generator import as_model
     from .stages.model import ModelStage
 
+    if not (Path(spec).exists() or spec.endswith(".gguf") or "/" in spec):
+        raise CascadeError(
+            f"unknown stage {spec!r}: expected int8, int4, fp32, layers:N[:V], tiny[:PATH], mag[:PATH|none], or a model "
+            "(a .gguf file, a model directory, a hub id like org/name)"
+        )
     model, _ = as_model(spec, progress=progress)
     if model.vocab_size != target.vocab_size:
         raise CascadeError(f"vocabulary mismatch: {spec} has {model.vocab_size} tokens, the target {target.vocab_size}")
@@ -267,8 +285,18 @@ def build_round(config: CascadeConfig, target, tokenizer, max_len: int, *, progr
     return ChainRound(drafter, k), stages
 
 
-def default_cascade() -> CascadeConfig:
-    """The fastest configuration measured for the embedded target on a 2-core CPU (docs/cascade.md):
-    MaG proposes up to 3 tokens when the text repeats a 2-gram or longer, the INT8 draft
-    verifies them and drafts 8 tokens per round, the target verifies those."""
+def default_cascade(target=None) -> CascadeConfig:
+    """The default cascade for ``target``, from side-by-side measurements (docs/cascade.md).
+
+    A target whose matrices are quantized (a GGUF file's 4- or 8-bit blocks) costs little more to
+    read than any neural draft of it, and verifying several tokens costs it more than one: MaG
+    alone proposes up to 4 tokens where the text repeats a 3-gram or longer, and otherwise the
+    target decodes one token. A dense target (fp32, bf16, fp16) is dominated by reading its weights:
+    MaG proposes up to 3 tokens on 2-gram+ repeats to its INT8 copy, which drafts 8 for the target."""
+    from .engine.model import Transformer
+
+    if isinstance(target, Transformer) and target.is_quantized:
+        return CascadeConfig(stages=("mag:none",), k=(4,), mag_min_ngram=3)
+    if target is not None and not isinstance(target, Transformer):
+        return CascadeConfig(stages=("mag:none",), k=(4,), mag_min_ngram=3)
     return CascadeConfig(stages=("mag:none", "int8"), k=(3, 8), mag_min_ngram=2)

@@ -26,6 +26,7 @@ from .errors import CascadeError
 from .sampling import SamplingParams
 
 INT8_SELF_DRAFT = "int8"
+DEFAULT_DRAFT = "default"  # the default cascade for the target (config.default_cascade)
 DEFAULT_K = 8  # measured best for the embedded model's INT8 self-draft on a 2-core CPU (README)
 
 
@@ -60,8 +61,9 @@ class SpeculativeGenerator:
     Args:
         target_model: model spec (None = embedded SmolLM2-135M-Instruct, a GGUF path, a
             Hugging Face directory or hub id), or a loaded model.
-        draft_model: ``"int8"`` (default: an INT8 copy of the target), another spec or
-            model, or None for plain autoregressive decoding.
+        draft_model: ``"default"`` (the default cascade measured for the target's kind, see
+            :func:`~.config.default_cascade`), ``"int8"`` (an INT8 copy of the target), another
+            spec or model, or None for plain autoregressive decoding.
         tokenizer: defaults to the target's own.
         K: draft tokens per round.
         max_len: KV-cache size in tokens (prompt + new tokens + K + 1 must fit).
@@ -74,7 +76,7 @@ class SpeculativeGenerator:
     def __init__(
         self,
         target_model=None,
-        draft_model=INT8_SELF_DRAFT,
+        draft_model=DEFAULT_DRAFT,
         tokenizer=None,
         *,
         K: int = DEFAULT_K,
@@ -98,6 +100,11 @@ class SpeculativeGenerator:
             precision = self.config.precision if self.config is not None else "stored"
         self.precision = precision
         self.target, target_tok = as_model(target_model, progress=progress, precision=precision)
+        if self.config is None and cascade is None and draft_model == DEFAULT_DRAFT:
+            from .config import default_cascade
+
+            self.config = default_cascade(self.target).with_(precision=precision)
+            draft_model = None
         self.tokenizer = tokenizer or target_tok
         if self.tokenizer is None:
             raise CascadeError("a tokenizer is needed when the target is passed as a model object")
@@ -158,8 +165,12 @@ class SpeculativeGenerator:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise CascadeError("the tokenizer turned the prompt into no tokens")
+        return ids
 
     # -- generation ----------------------------------------------------------------------
     def generate_ids(
@@ -217,7 +228,7 @@ def generate(
     prompt: str,
     *,
     target=None,
-    draft=INT8_SELF_DRAFT,
+    draft=DEFAULT_DRAFT,
     K: int = DEFAULT_K,
     max_new_tokens: int = 128,
     **kwargs,

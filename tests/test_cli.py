@@ -99,6 +99,55 @@ def test_info(tiny_model_dir):
     assert d["target"]["architecture"] == "llama" and d["target"]["implementation"] == "native"
     assert d["draft"]["dtype"] == "int8"
     assert d["draft"]["bytes"] < d["target"]["bytes"]
+    from speculative_cascade.engine import kernels
+
+    assert d["kernels"]["kernel"] == kernels.get().variant and d["kernels"]["kernel"] in d["kernels"]["built"]
+    assert d["cpu"]
+    text = invoke("info", "-t", tiny_model_dir)
+    assert f"kernels {kernels.get().variant}" in text.stdout
+
+
+def test_more_mistakes_are_one_line(tmp_path, tiny_model_dir):
+    """Undecodable bytes, unknown stage kinds, a model directory without tokenizer files."""
+    import shutil
+
+    bad_utf8 = b"\xff\xfe".decode("utf-8", "surrogateescape")  # what the command line hands over
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, no_tok / f.name)
+    cases = [
+        (["generate", bad_utf8, "-t", tiny_model_dir, "--no-chat"], "UTF-8"),
+        (["generate", "hi", "-t", tiny_model_dir, "--no-chat", "--stages", "foo,int8"], "int8, int4, fp32, layers"),
+        (["generate", "hi", "-t", no_tok, "--no-chat"], "no tokenizer files"),
+        (["generate", "hi", "-t", tiny_model_dir, "--no-chat", "--precision", "fp8"], "precision"),
+    ]
+    for args, needle in cases:
+        r = invoke(*args)
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], r.stderr
+    gen = SpeculativeGenerator(tiny_model_dir, None)
+    with pytest.raises(CascadeError, match="string or a list of token ids"):
+        gen.generate(123)
+
+
+def test_bench_table_columns(tmp_path, tiny_model_dir):
+    """The terminal table: one value under each header, 80 columns wide."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "a", "turns": ["the quick fox"]}))
+    r = invoke("bench", "--prompts", prompts, "-n", 8, "--methods", "ar,spec", "-t", tiny_model_dir, "--no-chat",
+               "--no-predict", "--sampling-check", 20)
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["method", "tok/s"])
+    cols = lines[head].split()
+    assert cols == ["method", "tok/s", "dec/s", "pred", "vs", "ar", "accept", "tok/rd", "=ar", "samp", "p"]
+    spec = lines[head + 2].split()
+    assert spec[0] == "spec" and spec[4].endswith("x") and spec[5].endswith("%") and spec[7] == "yes"
+    assert float(spec[8]) > 0  # the sampling check's p-value, in its own column
+    assert max(len(ln) for ln in lines[head : head + 3]) <= 80
 
 
 def test_bench_report(tmp_path, tiny_model_dir):
@@ -191,8 +240,11 @@ def test_other_architectures_run_through_transformers(tmp_path, tiny_tokenizer, 
     assert json.loads(as_draft.stdout)["token_ids"] == json.loads(reference.stdout)["token_ids"]
     info = json.loads(invoke("info", "-t", d, "-d", "none", "--json").stdout)
     assert info["target"]["implementation"] == "transformers"
-    r = invoke(*base, "-t", d)  # the INT8 self-draft needs a native target
+    r = invoke(*base, "-t", d, "-d", "int8")  # the INT8 self-draft needs a native target
     assert r.exit_code == 2 and "native target" in r.stderr
+    default = invoke(*base, "-t", d)  # the default cascade for such a target: MaG
+    assert default.exit_code == 0 and json.loads(default.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert json.loads(default.stdout)["cascade"]["stages"] == ["mag:none"]
 
 
 def test_unknown_hub_id_is_a_clear_error(monkeypatch, tiny_model_dir):

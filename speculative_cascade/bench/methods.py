@@ -238,6 +238,17 @@ class Cascade(Native):
         return rnd
 
 
+class Default(Cascade):
+    name = "default"
+    description = "the default cascade for the target (what `cascade generate` runs with no options)"
+
+    def make_round(self):
+        from ..config import default_cascade
+
+        self.ctx.cascades.setdefault(self.name, default_cascade(self.ctx.target))
+        return super().make_round()
+
+
 class Custom(Cascade):
     name = "custom"
     description = "the cascade given with --cascade FILE"
@@ -278,7 +289,7 @@ MAG = _cascade("mag", "MaG (suffix match, then bigram table) drafts for the targ
 SPEC4 = _cascade("spec4", "two-stage with the 4-bit copy of the target as draft (k=12)", stages=["int4"], k=[12])
 CHAIN = _cascade(
     "chain",
-    "3-stage vertical cascade: MaG (2-gram+ matches) -> INT8 draft -> target (the default)",
+    "3-stage vertical cascade: MaG (2-gram+ matches) -> INT8 draft -> target (the default for dense targets)",
     stages=["mag:none", "int8"],
     k=[3, 8],
     mag_min_ngram=2,
@@ -321,6 +332,7 @@ METHODS: dict[str, type[Method]] = {
         LlamaCpp,
         LlamaCppLookup,
         Native,
+        Default,
         TwoStage,
         SPEC4,
         MAG,

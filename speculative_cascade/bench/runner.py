@@ -466,9 +466,9 @@ def _print_stages(console, report, Table) -> None:
         stages = m.get("stages") or []
         if len(stages) < 3:
             continue
-        t = Table(title=f"{name}: per-stage breakdown (gamma_{{i+1|i}}: stage i's proposals accepted by stage i+1)")
-        for col in ("stage", "forwards", "tokens in", "proposed", "gamma", "accepted", "time s", "share"):
-            t.add_column(col, justify="right")
+        t = Table(title=f"{name}: per stage (g_{{i+1|i}}: stage i's proposals accepted by stage i+1)", box=None)
+        for col in ("stage", "forwards", "in", "proposed", "g", "accepted", "s", "share"):
+            t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
         for i, st in enumerate(stages):
             up = i < len(stages) - 1
             t.add_row(
@@ -476,7 +476,7 @@ def _print_stages(console, report, Table) -> None:
                 str(st["forwards"]),
                 str(st["tokens_in"]),
                 str(st["proposed"]) if up else "-",
-                f"g_{{{i + 1}|{i}}} = {st['acceptance_rate']:.1%}" if up and st["acceptance_rate"] is not None else "-",
+                f"{st['acceptance_rate']:.1%}" if up and st["acceptance_rate"] is not None else "-",
                 str(st["accepted"]) if up else "-",
                 f"{st['seconds']:.2f}",
                 f"{st['time_share']:.0%}" if st["time_share"] is not None else "-",
@@ -496,7 +496,7 @@ def _print_table(console, report, Table) -> None:
             name,
             f"{m['tokens_per_s']:.1f}",
             f"{m['decode_tokens_per_s']:.1f}" if m.get("decode_tokens_per_s") else "-",
-            f"{m['predicted_decode_tokens_per_s']:.0f}{m['prediction_error']:+.0%}" if "prediction_error" in m else "-",
+            f"{m['predicted_decode_tokens_per_s']:.0f}({m['prediction_error']:+.0%})" if "prediction_error" in m else "-",
             f"{m['speedup_vs_ar']:.2f}x" if "speedup_vs_ar" in m else "-",
             f"{m['acceptance_rate']:.1%}" if "acceptance_rate" in m else "-",
             f"{m['mean_accepted_length']:.2f}" if "mean_accepted_length" in m else "-",

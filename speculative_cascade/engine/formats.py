@@ -137,6 +137,15 @@ class PackedWeight:
         return PackedWeight(self.fmt, self.data[perm].contiguous(), None if self.sm is None else
                             self.sm[perm].contiguous(), self.group, (len(perm), self.shape[1]))
 
+    def first_rows(self, n: int) -> "PackedWeight":
+        """The first ``n`` rows, sharing memory (Q4: n a multiple of 8)."""
+        if self.fmt == Format.Q4:
+            assert n % Q4_ROWS == 0
+            return PackedWeight(self.fmt, self.data[: n // Q4_ROWS], self.sm[: n // Q4_ROWS], self.group,
+                                (n, self.shape[1]))
+        return PackedWeight(self.fmt, self.data[:n], None if self.sm is None else self.sm[:n], self.group,
+                            (n, self.shape[1]))
+
     def regroup(self, group: int) -> "PackedWeight":
         """Quantized weights as I8 with smaller groups (exact)."""
         assert self.quantized and self.group % group == 0

@@ -189,6 +189,9 @@ def read_config(path: Path) -> _Config | None:
 
 def load_tokenizer(path: str | Path, light: bool = True):
     """The light :class:`FastTokenizer` where it applies, else transformers' AutoTokenizer."""
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
+        raise CascadeError(f"no tokenizer files in {path} (expected tokenizer.json, tokenizer.model or vocab.json)")
     try:
         if light and FastTokenizer.supports(path):
             return FastTokenizer(path)

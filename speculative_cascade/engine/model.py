@@ -290,6 +290,11 @@ class Transformer(nn.Module):
         return self.tok_embeddings.packed.data.device
 
     @property
+    def is_quantized(self) -> bool:
+        """Are the decoder's matrices stored in 8 bits or fewer (I8, Q4)?"""
+        return any(lin.packed.quantized for blk in self.layers for lin in _linears(blk))
+
+    @property
     def weight_format(self) -> str:
         """The formats of the decoder's matrices, e.g. ``Q4`` or ``Q4+I8`` (head apart)."""
         fmts = sorted({lin.packed.fmt.name for blk in self.layers for lin in _linears(blk)})
@@ -337,7 +342,7 @@ class Transformer(nn.Module):
         fused = self._fused_layers(cache)
         if fused is not None:  # every layer, the final norm and the head: one C call per row
             n_out = 1 if last_only else T
-            logits = torch.empty(B, n_out, self.args.vocab_size)
+            logits = torch.empty(B, n_out, self.output.out_features)
             for b in range(B):
                 if positions is None:  # a slice of the table: no gather on the decoding path
                     rot = self._rot_table(starts[b] + T)[starts[b] : starts[b] + T]
@@ -345,7 +350,7 @@ class Transformer(nn.Module):
                     rot = self._rot_table(int(positions[b].max()) + 1)[positions[b]]
                 self._run_fused(fused, tokens[b], rot, cache, b, tree_mask, logits[b])
             cache.advance(T)
-            return logits
+            return self._full_vocab(logits)
         if positions is None:
             positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
         freqs = self._rope_table(int(positions.max()) + 1)[positions][:, :, None]  # (B, T, 1, hd/2) complex
@@ -356,7 +361,16 @@ class Transformer(nn.Module):
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.output.forward(self.norm.forward(x)).float()
+        return self._full_vocab(self.output.forward(self.norm.forward(x)).float())
+
+    def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary; a draft with a reduced head gives -inf to the rest."""
+        V = self.args.vocab_size
+        if logits.shape[-1] == V:
+            return logits
+        full = torch.full((*logits.shape[:-1], V), float("-inf"))
+        full[..., : logits.shape[-1]] = logits
+        return full
 
     def _fused_layers(self, cache: KVCache):
         """(kernels, C layer array, dims) when the whole decoder can run in ``sc_forward``."""

@@ -105,6 +105,35 @@ def _quantized_copy(model: Transformer, make, tag: str) -> Transformer:
     return q
 
 
+def truncated(model: Transformer, n_layers: int, vocab: int | None = None) -> Transformer:
+    """A draft made of the target's first ``n_layers`` layers (its weights shared, not copied), with
+    the output head cut to the first ``vocab`` tokens (BPE vocabularies list the frequent ones
+    first); the other tokens get -inf. Draft only: it never proposes a token past ``vocab``."""
+    if not isinstance(model, Transformer):
+        raise ValueError("a truncated draft needs a native model (Llama, Mistral or Qwen2 family)")
+    a = model.args
+    if not 1 <= n_layers <= a.n_layers:
+        raise ValueError(f"layers must be in 1..{a.n_layers}, got {n_layers}")
+    if vocab is not None and not 8 <= vocab <= a.vocab_size:
+        raise ValueError(f"vocab must be in 8..{a.vocab_size}, got {vocab}")
+    d = Transformer.__new__(Transformer)
+    torch.nn.Module.__init__(d)
+    from dataclasses import replace
+
+    d.args = replace(a, n_layers=n_layers)
+    d.tok_embeddings, d.norm = model.tok_embeddings, model.norm
+    d.layers = torch.nn.ModuleList(list(model.layers)[:n_layers])
+    out = model.output
+    if vocab is not None and vocab < a.vocab_size:
+        vocab -= vocab % 8
+        out = Linear.from_packed(out.packed.first_rows(vocab), None if out.bias is None else out.bias[:vocab])
+    d.output = out
+    d._rope_cache = d._rot_cache = None
+    d._fused = None
+    d.quantized = f"layers {n_layers}" + (f", vocab {vocab}" if vocab else "")
+    return d.eval()
+
+
 def quantize_int8(model: Transformer) -> Transformer:
     """Return an INT8 copy of a native model; the original is left untouched.
 
