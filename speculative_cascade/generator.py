@@ -10,6 +10,7 @@ print(gen.get_stats()["acceptance_rate"])
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +34,8 @@ DEFAULT_K = 8  # measured best for the embedded model's INT8 self-draft on a 2-c
 def as_model(obj, *, progress: bool = True, precision: str = "stored") -> tuple[torch.nn.Module, object | None]:
     """Turn a spec (str/path/None), a LoadedModel, a native model or a transformers model
     into ``(model with the native interface, tokenizer or None)``."""
+    if isinstance(obj, Path):
+        obj = str(obj)
     if obj is None or isinstance(obj, str):
         lm = load_model(obj, progress=progress, precision=precision)
         return lm.model, lm.tokenizer
