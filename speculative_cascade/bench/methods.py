@@ -64,6 +64,10 @@ class Method:
     def __init__(self, ctx: BenchContext) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def check(cls) -> None:
+        """Raise CascadeError before any run when the method cannot run here (a missing extra)."""
+
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> Result:
         raise NotImplementedError
 
@@ -140,14 +144,20 @@ class LlamaCpp(Method):
     description = "llama.cpp (llama-cpp-python) on the same GGUF file, greedy, same token ids, same threads"
     lookup = 0
 
+    @classmethod
+    def check(cls) -> None:
+        try:
+            import llama_cpp  # noqa: F401  (optional extra)
+        except ImportError as e:
+            raise CascadeError(
+                f"method {cls.name} needs llama-cpp-python ({e}): pip install 'speculative-cascade[llamacpp]'"
+            ) from None
+
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise CascadeError(
-                f"method {self.name} needs llama-cpp-python: pip install 'speculative-cascade[llamacpp]'"
-            ) from None
+        self.check()
+        from llama_cpp import Llama
+
         src = ctx.loaded.source
         if not src.endswith(".gguf"):
             raise CascadeError(f"method {self.name} needs a GGUF target, not {src}")

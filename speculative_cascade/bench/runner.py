@@ -90,6 +90,8 @@ def run_bench(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise CascadeError(f"unknown method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        METHODS[m].check()
     if max_new_tokens < 1:
         raise CascadeError("--max-new-tokens must be >= 1")
     if sampling_check < 0:

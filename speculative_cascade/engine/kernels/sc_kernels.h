@@ -71,6 +71,18 @@ typedef struct {
 
 typedef int vi __attribute__((vector_size(VW * 4)));
 
+/* VW bytes, zero-extended to 32-bit lanes (LD_U8: the variant's instruction for it). */
+#ifdef LD_U8
+static inline vi ld_u8(const uint8_t *p) { return (vi)LD_U8(p); }
+#else
+typedef unsigned char sc_vu8 __attribute__((vector_size(VW)));
+static inline vi ld_u8(const uint8_t *p) {
+    sc_vu8 b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vi);
+}
+#endif
+
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
 /* exp(x) for VW lanes: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, then
@@ -152,6 +164,22 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                 SC_UNROLL for (int j = 0; j < RB; j++) {
                     vf w = lut_u4(base + (size_t)j * 16, hi, lut[j]);
                     SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(xv[r], w, acc[r][j]);
+                }
+            }
+            continue;
+        }
+#else
+        if (fmt == SC_Q4) { /* each loaded byte gives two weights: its low nibble (k) and its high one (k + 16) */
+            const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
+            const float *xg = x + (size_t)g * 32;
+            SC_UNROLL for (int j = 0; j < RB; j++) {
+                vi b[16 / VW];
+                SC_UNROLL for (int h = 0; h < 16 / VW; h++) b[h] = ld_u8(base + (size_t)j * 16 + h * VW);
+                vf dj = vsplat(d[j]), mj = vsplat(m[j]);
+                SC_UNROLL for (int hi = 0; hi < 2; hi++) SC_UNROLL for (int h = 0; h < 16 / VW; h++) {
+                    vf w = vdeq(__builtin_convertvector(hi ? b[h] >> 4 : b[h] & 15, vf), dj, mj);
+                    SC_UNROLL for (int r = 0; r < R; r++)
+                        acc[r][j] = vfma(vload(xg + (size_t)r * ldx + 16 * hi + h * VW), w, acc[r][j]);
                 }
             }
             continue;
