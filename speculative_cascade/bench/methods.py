@@ -165,7 +165,8 @@ class LlamaCpp(Method):
         if self.lookup:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-            kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=self.lookup)
+            # a draft model needs the logits of every evaluated position
+            kw.update(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=self.lookup), logits_all=True)
         threads = torch.get_num_threads()
         self.llm = Llama(model_path=src, n_ctx=ctx.max_len, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, verbose=False, **kw)
@@ -365,5 +366,5 @@ ABLATION = (
     ("Single stage (target alone)", "ar"),
     ("Tiny only (tiny -> target)", "tiny-only"),
     ("Draft only (INT8 -> target)", "spec"),
-    ("Default cascade (MaG -> INT8 -> target)", "chain"),
+    ("Vertical cascade (MaG -> INT8 -> target)", "chain"),
 )
