@@ -12,7 +12,7 @@ def smol():
     from speculative_cascade import SpeculativeGenerator
 
     try:
-        return SpeculativeGenerator(K=5, max_len=1024)
+        return SpeculativeGenerator(draft_model="int8", K=5, max_len=1024)
     except Exception as e:  # the package with the GGUF file is not installed
         pytest.skip(f"embedded model unavailable: {e}")
 
@@ -49,7 +49,8 @@ def test_speculative_greedy_equals_autoregressive(smol, prompt):
 @pytest.mark.parametrize(
     "cascade",
     [
-        None,  # the default cascade: MaG -> INT8 -> target
+        None,  # the default cascade for this (4-bit) target: MaG -> target
+        "dense",  # the default for a dense target: MaG -> INT8 -> target
         {"stages": ["tiny", "int8"], "mode": "tree", "tree_nodes": 16, "tree_width": 4, "tree_keep": 8},
         {"stages": ["mag", "int8"], "k_matrix": [[7, 2], [0, 1]]},
         {"stages": ["int4"], "k": [12]},
@@ -60,7 +61,7 @@ def test_cascades_greedy_equal_autoregressive(smol, cascade):
     from speculative_cascade.config import default_cascade
 
     gen = SpeculativeGenerator(
-        smol.target, tokenizer=smol.tokenizer, max_len=1024, cascade=cascade or default_cascade()
+        smol.target, tokenizer=smol.tokenizer, max_len=1024, cascade=default_cascade(smol.target) if cascade is None else default_cascade() if cascade == "dense" else cascade
     )
     prompt = "Explain why the sky is blue in two sentences."
     out = gen.generate_ids(prompt, max_new_tokens=48, chat=True)
