@@ -36,6 +36,11 @@ def _first_error(text: str) -> str:
 class BuildKernels(build_ext):
     """Build every variant that compiles; record failures; fail only when none builds."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:  # the variants compile independently: one per core at a time
+            self.parallel = os.cpu_count() or 1
+
     def run(self):
         self.errors = {}
         super().run()

@@ -149,7 +149,10 @@ def read_settings(path: str | Path) -> dict:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            import tomllib
+            try:  # standard library from Python 3.11; the tomli package before
+                import tomllib
+            except ModuleNotFoundError:
+                import tomli as tomllib
 
             data = tomllib.loads(text)
     except Exception as e:  # each parser has its own error type

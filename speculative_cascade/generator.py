@@ -9,6 +9,8 @@ print(gen.get_stats()["acceptance_rate"])
 
 from __future__ import annotations
 
+import threading
+
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -147,6 +149,9 @@ class SpeculativeGenerator:
             self._round = ChainRound(ModelStage(self.draft, self.max_len, name="draft"), K)
         self._stats = GenerationStats()
         self.last_token_ids: list[int] = []
+        # one generation at a time: the stages' KV caches and statistics belong to one sequence,
+        # so concurrent calls on one generator wait for each other (each gets its own output)
+        self._lock = threading.Lock()
 
     # -- prompts -------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -194,6 +199,10 @@ class SpeculativeGenerator:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.encode(prompt, chat=chat)
         stopper = StopChecker(eos_ids(self.target, self.tokenizer), stop, lambda t: self.tokenizer.decode(t))
+        with self._lock:
+            return self._generate_locked(ids, params, stopper, speculative, max_new_tokens, on_tokens)
+
+    def _generate_locked(self, ids, params, stopper, speculative, max_new_tokens, on_tokens) -> list[int]:
         out, self._stats = generate_tokens(
             self.target,
             ids,

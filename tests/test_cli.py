@@ -209,6 +209,18 @@ def test_python_api(tiny_model_dir, tiny_draft_dir):
         gen.generate("   ")
 
 
+def test_concurrent_calls_on_one_generator_each_get_their_own_output(tiny_model_dir, tiny_draft_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = SpeculativeGenerator(target_model=str(tiny_model_dir), draft_model=str(tiny_draft_dir), K=4, max_len=128)
+    prompts = ["the lazy dog", "a quick brown fox jumps", "over the hill and far away", "one two three"]
+    alone = [gen.generate_ids(p, max_new_tokens=24) for p in prompts]
+    assert len(set(map(tuple, alone))) > 1  # different prompts, different outputs: a mix-up would show
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: gen.generate_ids(p, max_new_tokens=24), prompts * 3))
+    assert together == alone * 3
+
+
 def test_transformers_model_objects_are_accepted(tiny_tokenizer):
     """Seed 002's usage: transformers models and a tokenizer passed in directly."""
     from conftest import hf_model
