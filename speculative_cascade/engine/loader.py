@@ -279,11 +279,8 @@ _GGUF_NAMES = {  # GGUF tensor name (after "blk.N.") -> Hugging Face name (after
 
 
 def _gguf_field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    v = reader.fields.get(key)
+    return default if v is None else v
 
 
 def gguf_config(reader) -> dict | None:
@@ -392,10 +389,10 @@ def _gguf_tokenizer(gguf: Path, progress: bool):
 def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> LoadedModel | None:
     """A GGUF file on the native decoder in its own format; None when its architecture has none."""
     _check_gguf_header(gguf)
-    from gguf import GGUFReader
+    from .gguf_file import GGUFFile
 
     try:
-        reader = GGUFReader(str(gguf))
+        reader = GGUFFile(gguf)
         config = gguf_config(reader)
     except (ValueError, KeyError, TypeError, OSError, IndexError) as e:
         raise CascadeError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e}") from e
