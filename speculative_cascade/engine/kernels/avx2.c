@@ -11,11 +11,6 @@ static inline vf vsplat(float x) { return (vf)_mm256_set1_ps(x); }
 static inline vf cvt_i8(const signed char *p) {
     return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-static inline vf cvt_u4(const unsigned char *p, int hi) {
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    b = hi ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(15));
-    return (vf)_mm256_cvtepi32_ps(b);
-}
 #define LD_U8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 static inline vf cvt_f16(const unsigned short *p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static inline float half_to_float(unsigned short h) { return _cvtsh_ss(h); }

@@ -11,11 +11,6 @@ static inline vf vsplat(float x) { return (vf)_mm512_set1_ps(x); }
 static inline vf cvt_i8(const signed char *p) {
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline vf cvt_u4(const unsigned char *p, int hi) {
-    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    b = hi ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
-    return (vf)_mm512_cvtepi32_ps(b);
-}
 static inline vf cvt_f16(const unsigned short *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline float half_to_float(unsigned short h) { return _cvtsh_ss(h); }
 static inline vf cvt_bf16(const unsigned short *p) {

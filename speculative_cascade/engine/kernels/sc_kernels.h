@@ -9,7 +9,7 @@
  *   vdeq(q, d, m)       q * d + m with one rounding (dequantization); vfma unless defined
  *   vload(p), vsplat(x)
  *   cvt_i8(p)           VW int8          -> vf
- *   cvt_u4(p, hi)       VW bytes' low (hi = 0) or high (hi = 1) nibbles -> vf
+ *   LD_U8(p)            optional: VW bytes zero-extended to 32-bit lanes (else GCC's portable vectors)
  *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
  *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
@@ -123,11 +123,7 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     case SC_F16: return cvt_f16((const uint16_t *)W->w + n * K + k);
     case SC_BF16: return cvt_bf16((const uint16_t *)W->w + n * K + k);
     case SC_I8: return vdeq(cvt_i8((const int8_t *)W->w + n * K + k), vsplat(d), vsplat(m));
-    default: {
-        size_t ng = K / 32, at = ((n / Q4_ROWS) * ng + k / 32) * Q4_ROWS + n % Q4_ROWS;
-        const uint8_t *p = (const uint8_t *)W->w + at * 16 + (k & 15);
-        return vdeq(cvt_u4(p, (k & 31) >= 16), vsplat(d), vsplat(m));
-    }
+    default: return vsplat(0.f); /* Q4: tile() reads each group whole, never through here */
     }
 }
 

@@ -21,12 +21,6 @@ static inline vf cvt_i8(const signed char *p) {
     memcpy(&b, p, sizeof b);
     return __builtin_convertvector(b, vf);
 }
-static inline vf cvt_u4(const unsigned char *p, int hi) {
-    vu8 b;
-    memcpy(&b, p, sizeof b);
-    b = hi ? b >> 4 : b & 15;
-    return __builtin_convertvector(b, vf);
-}
 static inline vf cvt_f16(const unsigned short *p) { vf v; for (int i = 0; i < VW; i++) v[i] = half_to_float(p[i]); return v; }
 static inline vf cvt_bf16(const unsigned short *p) {
     vf v;
