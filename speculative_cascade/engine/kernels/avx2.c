@@ -22,5 +22,8 @@ static inline vf cvt_bf16(const unsigned short *p) {
 /* 16 registers: R x RB accumulators + R x vectors + the weight vector and its scale, min and mask. */
 #define RMAX 4
 #define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : 2)
+/* Dense formats need no registers to dequantize: 3 rows x 4 weight rows (measured: a 9-row fp32
+ * product ~30% faster than with 2 weight rows; for 4-bit and int8 2 stays faster). */
+#define RB_DENSE(R) ((R) <= 1 ? 8 : (R) <= 3 ? 4 : 2)
 
 #include "sc_kernels.h"

@@ -12,6 +12,7 @@
  *   LD_U8(p)            optional: VW bytes zero-extended to 32-bit lanes (else GCC's portable vectors)
  *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
+ *   RB_DENSE(R)         optional: the same for fp32/fp16/bf16 weights (default RB_FOR)
  *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
  *                       the group's 16 dequantized values (one permute instead of convert + FMA)
  *
@@ -67,6 +68,11 @@ typedef struct {
 #endif
 #define SC_UNROLL _Pragma("GCC unroll 16")
 #define RBMAX 8
+#ifndef RB_DENSE
+#define RB_DENSE(R) RB_FOR(R)
+#endif
+/* weight rows per block for format F and R rows of x */
+#define RB_OF(F, R) ((F) <= SC_BF16 ? RB_DENSE(R) : RB_FOR(R))
 #define Q4_ROWS 8
 
 typedef int vi __attribute__((vector_size(VW * 4)));
@@ -201,8 +207,8 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
  * (M split evenly: 9 rows = 3 + 3 + 3). rb is RB_FOR(R), or smaller for the last block. */
 #define TILE_R(F, RR)                                                                                 \
     if (R == RR) {                                                                                    \
-        if (rb == RB_FOR(RR)) tile(F, RR, RB_FOR(RR), W, xm, ldx, ym, ldy, n0);                       \
-        else if (rb == RB_FOR(RR + 1)) tile(F, RR, RB_FOR(RR + 1), W, xm, ldx, ym, ldy, n0);          \
+        if (rb == RB_OF(F, RR)) tile(F, RR, RB_OF(F, RR), W, xm, ldx, ym, ldy, n0);                   \
+        else if (rb == RB_OF(F, RR + 1)) tile(F, RR, RB_OF(F, RR + 1), W, xm, ldx, ym, ldy, n0);      \
         else for (int j = 0; j < rb; j++) tile(F, RR, 1, W, xm, ldx, ym, ldy, n0 + j);                \
         continue;                                                                                     \
     }
@@ -238,7 +244,7 @@ static inline __attribute__((always_inline)) void block_rows(const int fmt, cons
 /* Inside a parallel region: y (M, n) at column offset 0 of rows with stride ldy = x @ W^T + b.
  * Blocks of weight rows are split statically over the threads; ends with a barrier. */
 static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy) {
-    int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_FOR(R0);
+    int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_OF(W->fmt, R0);
     int nb = (W->n + RB - 1) / RB, ldx = W->k;
 #pragma omp for schedule(static)
     for (int b = 0; b < nb; b++) {
