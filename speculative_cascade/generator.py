@@ -10,7 +10,6 @@ print(gen.get_stats()["acceptance_rate"])
 from __future__ import annotations
 
 import threading
-
 import warnings
 from pathlib import Path
 from typing import Callable

@@ -39,11 +39,23 @@ class GGUFTensor:
     data: np.ndarray
 
 
+def check_header(path: str | Path) -> None:
+    """Raise ValueError unless the file starts as a GGUF file of a version read here (2 or 3)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+
+
 class GGUFFile:
     """``fields``: key -> value (None for string arrays); ``tensors``: list of :class:`GGUFTensor`.
     Raises ValueError on a malformed or truncated file."""
 
     def __init__(self, path: str | Path) -> None:
+        check_header(path)
         self._mm = np.memmap(path, mode="r")
         try:
             self._parse()
@@ -88,13 +100,7 @@ class GGUFFile:
         return None
 
     def _parse(self) -> None:
-        self._at = 0
-        if bytes(self._mm[:4]) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        self._at = 4
-        version = self._read("<I")
-        if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
+        self._at = 8  # magic and version: check_header
         n_tensors, n_kv = self._read("<Q"), self._read("<Q")
         self.fields: dict = {}
         for _ in range(n_kv):

@@ -144,13 +144,12 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
 
 
 def _check_gguf_header(path: Path) -> None:
-    with path.open("rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise CascadeError(f"cannot read GGUF file {path}: not a GGUF file")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise CascadeError(f"cannot read GGUF file {path}: unsupported GGUF version {version}")
+    from .gguf_file import check_header
+
+    try:
+        check_header(path)
+    except ValueError as e:
+        raise CascadeError(f"cannot read GGUF file {path}: {e}") from None
 
 
 class _Config(dict):
@@ -388,11 +387,10 @@ def _gguf_tokenizer(gguf: Path, progress: bool):
 
 def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> LoadedModel | None:
     """A GGUF file on the native decoder in its own format; None when its architecture has none."""
-    _check_gguf_header(gguf)
     from .gguf_file import GGUFFile
 
     try:
-        reader = GGUFFile(gguf)
+        reader = GGUFFile(gguf)  # checks the header first: the same errors as _check_gguf_header
         config = gguf_config(reader)
     except (ValueError, KeyError, TypeError, OSError, IndexError) as e:
         raise CascadeError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e}") from e

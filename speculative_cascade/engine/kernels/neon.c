@@ -1,4 +1,6 @@
-/* aarch64 (NEON is part of the base ISA): 4 fp32 lanes, 32 vector registers, fused multiply-add. */
+/* aarch64 (NEON is part of the base ISA): 4 fp32 lanes, 32 vector registers, fused multiply-add.
+ * Built only on aarch64 (kernels.VARIANTS); compiled for another architecture it is empty. */
+#if defined(__aarch64__)
 #include <arm_neon.h>
 #include <string.h>
 
@@ -13,3 +15,4 @@ static inline vf vfma(vf a, vf b, vf c) { return (vf)vfmaq_f32((float32x4_t)c, (
 #define RB_FOR(R) ((R) <= 2 ? 8 : 4)
 
 #include "sc_kernels.h"
+#endif

@@ -204,7 +204,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
 }
 
 /* One block of weight rows [n0, n0 + rb) against every row of x, in passes of R and R - 1 rows
- * (M split evenly: 9 rows = 3 + 3 + 3). rb is RB_FOR(R), or smaller for the last block. */
+ * (M split evenly: 9 rows = 3 + 3 + 3). rb is RB_OF(fmt, R), or smaller for the last block. */
 #define TILE_R(F, RR)                                                                                 \
     if (R == RR) {                                                                                    \
         if (rb == RB_OF(F, RR)) tile(F, RR, RB_OF(F, RR), W, xm, ldx, ym, ldy, n0);                   \

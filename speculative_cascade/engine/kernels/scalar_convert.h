@@ -1,7 +1,6 @@
 /* Conversions for the variants without dedicated intrinsics: GCC's portable vectors
  * (__builtin_convertvector), and fp16 lane by lane. */
 typedef signed char vi8 __attribute__((vector_size(VW)));
-typedef unsigned char vu8 __attribute__((vector_size(VW)));
 static inline float half_to_float(unsigned short h) {
     unsigned int sign = (unsigned int)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
     if (exp == 31) bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
