@@ -4,8 +4,8 @@ Public API:
 
 * :class:`SpeculativeGenerator` and :func:`generate` - speculative decoding with an INT8
   draft or any cascade (:class:`CascadeConfig`);
-* :class:`CascadeInference` (with ``speculative_cascade.models``) and ``speculative_cascade.csd.csd``
-  - the seed papers' APIs;
+* :class:`CascadeInference`, :class:`TinyModel`, :class:`DraftModel`, :class:`TargetModel` and
+  :func:`csd` - the seed papers' APIs (``speculative_cascade.seed``);
 * :func:`load_model`, :func:`quantize_int8` - the native decoder and its INT8 drafts;
 * :class:`SamplingParams`, :class:`GenerationStats`, :class:`CascadeError`.
 
@@ -18,7 +18,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SpeculativeGenerator": ".generator",
-    "CascadeInference": ".models",
+    "CascadeInference": ".seed.inference",
+    "TinyModel": ".seed.inference",
+    "DraftModel": ".seed.inference",
+    "TargetModel": ".seed.inference",
+    "csd": ".seed.csd",
     "CascadeConfig": ".config",
     "generate": ".generator",
     "load_model": ".engine.loader",

@@ -20,12 +20,14 @@ drafter's; a round drafts, verifies, accepts, and fixes up the caches.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from .errors import CascadeError
 from .sampling import SamplingParams, warp
-from .stages.base import StageStats, drafter_stats, feedback, one_hot_rows
+from .stages.base import Drafter, Reviewer, Stage, StageStats, TreeDrafter, TreeScorer, one_hot_rows
 from .verify import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 
 
@@ -46,10 +48,10 @@ def _dedup(stats: list[StageStats]) -> list[StageStats]:
     return out
 
 
-class Horizontal:
+class Horizontal(Drafter):
     """Drafters by position: ``drafters[i]`` drafts until the proposal is ``cum[i]`` tokens long."""
 
-    def __init__(self, drafters: list, increments: list[int], vocab_size: int) -> None:
+    def __init__(self, drafters: list[Drafter], increments: list[int], vocab_size: int) -> None:
         if len(drafters) != len(increments) or not drafters:
             raise CascadeError("a horizontal cascade needs one increment per drafter")
         if any(k < 0 for k in increments) or sum(increments) < 1:
@@ -57,7 +59,7 @@ class Horizontal:
         self.drafters = drafters
         self.cum = [sum(increments[: i + 1]) for i in range(len(increments))]
         self.vocab_size = vocab_size
-        self._last: list[tuple[object, int]] = []  # (drafter, tokens) of the last proposal
+        self._last: list[tuple[Drafter, int]] = []  # (drafter, tokens) of the last proposal
 
     @property
     def total(self) -> int:
@@ -80,7 +82,7 @@ class Horizontal:
         return out, _stack_q(parts, self.vocab_size)
 
     def feedback(self, n_accepted: int) -> None:
-        per: dict[int, tuple[object, int]] = {}
+        per: dict[int, tuple[Drafter, int]] = {}
         pos = 0
         for d, n in self._last:
             got = max(0, min(n, n_accepted - pos))
@@ -88,7 +90,7 @@ class Horizontal:
             per[id(d)] = (d, prev + got)
             pos += n
         for d, got in per.values():
-            feedback(d, got)
+            d.feedback(got)
 
     def commit(self, n_committed: int) -> None:
         for d in self.drafters:
@@ -98,28 +100,26 @@ class Horizontal:
         for d in self.drafters:
             d.reset()
 
-    def share_prefix(self, target, n: int) -> None:
-        for d in self.drafters:
-            fn = getattr(d, "share_prefix", None)
-            if fn is not None:
-                fn(target, n)
+    def share_prefix(self, target: Reviewer, n: int) -> bool:
+        return any([d.share_prefix(target, n) for d in self.drafters])
 
     def all_stats(self) -> list[StageStats]:
-        return _dedup([s for d in reversed(self.drafters) for s in drafter_stats(d)])
+        return _dedup([s for d in reversed(self.drafters) for s in d.all_stats()])
 
 
-class Level:
+class Level(Drafter):
     """A stage whose tokens are drafted by ``drafters`` and verified by the stage itself.
 
     ``lenience`` (> 1, greedy only) loosens this level's review as in CSD; the target's
     review is never lenient, so the output is still the target's greedy output."""
 
-    def __init__(self, stage, drafters: Horizontal, lenience: float = 1.0) -> None:
-        if not hasattr(stage, "score"):
-            raise CascadeError(f"stage {getattr(stage, 'name', stage)!r} cannot verify drafts")
+    def __init__(self, stage: Stage, drafters: Horizontal, lenience: float = 1.0) -> None:
+        if not isinstance(stage, Reviewer):
+            raise CascadeError(f"stage {stage.name!r} cannot verify drafts")
         if lenience < 1.0:
             raise CascadeError(f"lenience must be >= 1, got {lenience}")
         self.stage = stage
+        self.reviewer: Reviewer = stage
         self.drafters = drafters
         self.lenience = lenience
 
@@ -146,7 +146,7 @@ class Level:
             draft, q = (
                 self.drafters.propose(seq, k - len(out) - 1, params, generator) if k - len(out) > 1 else ([], None)
             )
-            logits = self.stage.score(seq, draft)  # (len(draft) + 1, V)
+            logits = self.reviewer.score(seq, draft)  # (len(draft) + 1, V)
             if params.greedy:
                 n, nxt = verify_greedy(draft, logits, self.lenience)
             else:
@@ -157,11 +157,11 @@ class Level:
             out.extend(draft[:n])
             out.append(nxt)
             self.drafters.commit(len(ids) + len(out) - 1)
-        self.stage.stats.proposed += len(out)
+        self.stage.count_proposed(len(out))
         return out, (torch.cat(qs) if qs else None)
 
     def feedback(self, n_accepted: int) -> None:
-        feedback(self.stage, n_accepted)
+        self.stage.feedback(n_accepted)
 
     def commit(self, n_committed: int) -> None:
         self.stage.commit(n_committed)
@@ -171,11 +171,9 @@ class Level:
         self.stage.reset()
         self.drafters.reset()
 
-    def share_prefix(self, target, n: int) -> None:
-        fn = getattr(self.stage, "share_prefix", None)
-        if fn is not None:
-            fn(target, n)
-        self.drafters.share_prefix(target, n)
+    def share_prefix(self, target: Reviewer, n: int) -> bool:
+        mine = self.stage.share_prefix(target, n)
+        return self.drafters.share_prefix(target, n) or mine
 
     def all_stats(self) -> list[StageStats]:
         return _dedup(self.drafters.all_stats() + [self.stage.stats])
@@ -197,7 +195,7 @@ def check_k_matrix(k_matrix, n: int) -> list[list[int]]:
     return m
 
 
-def build_csd(drafters: list, k_matrix, lenience: float = 1.0) -> tuple[object, int]:
+def build_csd(drafters: list[Stage], k_matrix, lenience: float = 1.0) -> tuple[Drafter, int]:
     """The drafter for the target described by CSD's ``k_matrix``; returns (drafter, k).
 
     ``drafters`` are ordered largest first (as CSD's ``draft_list``). Row 0 of the matrix
@@ -210,12 +208,12 @@ def build_csd(drafters: list, k_matrix, lenience: float = 1.0) -> tuple[object, 
         raise CascadeError("the cascade needs at least one drafter")
     n = len(drafters)
     m = check_k_matrix(k_matrix, n)
-    vocab = {getattr(d, "vocab_size", None) for d in drafters} - {None}
+    vocab = {d.vocab_size for d in drafters}
     if len(vocab) > 1:
         raise CascadeError(f"vocabulary mismatch between stages: {sorted(vocab)}")
-    nodes: dict[int, object] = {}
+    nodes: dict[int, Drafter] = {}
 
-    def node(i: int):
+    def node(i: int) -> Drafter:
         if i not in nodes:
             row = m[i + 1][i + 1 :] if i + 1 < n else []
             if not any(row):
@@ -234,79 +232,126 @@ def build_csd(drafters: list, k_matrix, lenience: float = 1.0) -> tuple[object, 
 # -- rounds --------------------------------------------------------------------------------
 
 
-class ChainRound:
-    """The target verifies ``k`` tokens of ``drafter`` (None: autoregressive) in one forward."""
+@dataclass
+class RoundResult:
+    """What one round yields; the decoding loop records it (``GenerationStats.record``)."""
 
-    def __init__(self, drafter=None, k: int = 0) -> None:
-        if drafter is not None and k < 1:
-            raise CascadeError(f"k must be >= 1, got {k}")
-        self.drafter, self.k = drafter, (k if drafter is not None else 0)
+    tokens: list[int]  # the accepted drafts, then the recovered/bonus token
+    drafted: int  # positions drafted (a tree: its depth)
+    accepted: int  # of those, accepted by the target
+    budget: int  # positions the round could have drafted (a drafter may propose fewer)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+class Round(ABC):
+    """One target verification and what precedes it. ``k``: positions a full round may draft."""
+
+    k: int = 0
 
     @property
     def room(self) -> int:
+        """Most tokens a round feeds the target beyond the committed sequence, plus one."""
         return self.k + 1
+
+    def reset(self) -> None:
+        """A new sequence starts."""
+
+    def after_prefill(self, target: Reviewer, n: int) -> None:
+        """The target's cache now holds the first ``n`` tokens of the prompt."""
+
+    def commit(self, n: int) -> None:
+        """The first ``n`` tokens of the sequence are final."""
+
+    def stage_stats(self) -> list[StageStats]:
+        """The drafting stages' counters, smallest stage first."""
+        return []
+
+    @abstractmethod
+    def run(
+        self, target: Stage, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> RoundResult:
+        """Draft at most ``budget`` positions after ``ids``, verify them with ``target`` in one forward."""
+
+
+class ChainRound(Round):
+    """The target verifies ``k`` tokens of ``drafter`` (None: autoregressive) in one forward."""
+
+    def __init__(self, drafter: Drafter | None = None, k: int = 0) -> None:
+        if drafter is not None and k < 1:
+            raise CascadeError(f"k must be >= 1, got {k}")
+        self.drafter, self.k = drafter, (k if drafter is not None else 0)
 
     def reset(self) -> None:
         if self.drafter is not None:
             self.drafter.reset()
 
-    def after_prefill(self, target, n: int) -> None:
-        fn = getattr(self.drafter, "share_prefix", None)
-        if fn is not None:
-            fn(target, n)
+    def after_prefill(self, target: Reviewer, n: int) -> None:
+        if self.drafter is not None:
+            self.drafter.share_prefix(target, n)
 
     def commit(self, n: int) -> None:
         if self.drafter is not None:
             self.drafter.commit(n)
 
     def stage_stats(self) -> list[StageStats]:
-        return drafter_stats(self.drafter)
+        return self.drafter.all_stats() if self.drafter is not None else []
 
-    def run(self, target, ids, budget, params, generator, stats) -> list[int]:
-        kk = min(self.k, budget)
-        draft, q = [], None
-        if kk > 0:
+    def run(self, target, ids, budget, params, generator) -> RoundResult:
+        k = min(self.k, budget)
+        draft: list[int] = []
+        q = None
+        draft_s = 0.0
+        if k > 0 and self.drafter is not None:
             t1 = time.perf_counter()
-            draft, q = self.drafter.propose(ids, kk, params, generator)
-            draft = draft[:kk]
+            draft, q = self.drafter.propose(ids, k, params, generator)
+            draft = draft[:k]
             q = q[: len(draft)] if q is not None else None
-            stats.draft_s += time.perf_counter() - t1
+            draft_s = time.perf_counter() - t1
         t1 = time.perf_counter()
-        logits = target.score(ids, draft)  # (len(draft) + 1, V)
+        logits = _score(target, ids, draft)  # (len(draft) + 1, V)
         if params.greedy:
             n, nxt = verify_greedy(draft, logits)
         else:
             n, nxt = verify_sampling(draft, q, warp(logits, params), generator)
-        stats.verify_s += time.perf_counter() - t1
-        if draft:
-            feedback(self.drafter, n)
-        stats.record(len(draft), n, kk)
-        return draft[:n] + [nxt]
+        verify_s = time.perf_counter() - t1
+        if draft and self.drafter is not None:
+            self.drafter.feedback(n)
+        return RoundResult(draft[:n] + [nxt], len(draft), n, k, draft_s, verify_s)
 
 
-class TreeRound:
+def _score(target: Stage, ids: list[int], draft: list[int]) -> torch.Tensor:
+    if not isinstance(target, Reviewer):
+        raise CascadeError(f"the target stage {target.name!r} cannot verify drafts")
+    return target.score(ids, draft)
+
+
+class TreeRound(Round):
     """Algorithm 1 of the seed paper (tree filter cascade).
 
-    ``proposer`` (a stage with ``propose_tree``, e.g. the tiny model) drafts ``n_nodes``
-    nodes, at most ``width`` per level; ``filter`` (a stage with ``score_tree``, e.g. the
-    INT8 draft) scores them in one forward, adds its own argmax child under each node
-    it scored (the paper's "refinement"), and keeps the ``keep`` nodes with the highest
-    cumulative log-probability under it - a subtree; the target verifies that subtree in
-    one forward. Without a filter the target verifies the proposer's tree directly.
-    Candidate choice never looks at the target, so verification stays lossless."""
+    ``proposer`` (a :class:`TreeDrafter`, e.g. the tiny model) drafts ``n_nodes`` nodes, at most
+    ``width`` per level; ``filter`` (a :class:`TreeScorer`, e.g. the INT8 draft) scores them in one
+    forward, adds its own argmax child under each node it scored (the paper's "refinement"), and
+    keeps the ``keep`` nodes with the highest cumulative log-probability under it - a subtree; the
+    target verifies that subtree in one forward. Without a filter the target verifies the
+    proposer's tree directly. Candidate choice never looks at the target, so verification stays
+    lossless."""
 
-    def __init__(self, proposer, filter=None, *, n_nodes: int = 32, width: int = 4, keep: int = 8) -> None:
-        if not hasattr(proposer, "propose_tree"):
-            raise CascadeError(f"stage {getattr(proposer, 'name', proposer)!r} cannot draft a tree")
-        if filter is not None and not hasattr(filter, "score_tree"):
-            raise CascadeError(f"stage {getattr(filter, 'name', filter)!r} cannot score a tree")
+    def __init__(self, proposer: Stage, filter: Stage | None = None, *, n_nodes: int = 32, width: int = 4, keep: int = 8):
+        if not isinstance(proposer, TreeDrafter):
+            raise CascadeError(f"stage {proposer.name!r} cannot draft a tree")
+        if filter is not None and not isinstance(filter, TreeScorer):
+            raise CascadeError(f"stage {filter.name!r} cannot score a tree")
         for name, v in (("tree nodes", n_nodes), ("tree width", width), ("tree keep", keep)):
             if v < 1:
                 raise CascadeError(f"{name} must be >= 1, got {v}")
         if filter is None:
             keep = n_nodes
         self.proposer, self.filter = proposer, filter
+        self.tree_drafter: TreeDrafter = proposer
+        self.tree_filter: TreeScorer | None = filter
         self.n_nodes, self.width, self.keep = n_nodes, width, keep
+        self.k = n_nodes
 
     @property
     def room(self) -> int:
@@ -317,10 +362,9 @@ class TreeRound:
         if self.filter is not None:
             self.filter.reset()
 
-    def after_prefill(self, target, n: int) -> None:
-        fn = getattr(self.filter, "share_prefix", None)
-        if fn is not None:
-            fn(target, n)
+    def after_prefill(self, target: Reviewer, n: int) -> None:
+        if self.filter is not None:
+            self.filter.share_prefix(target, n)
 
     def commit(self, n: int) -> None:
         if self.filter is not None:
@@ -336,9 +380,9 @@ class TreeRound:
             depth.append(1 if par < 0 else depth[par] + 1)
         return depth
 
-    def _filter(self, ids, tokens, parents):
+    def _filter(self, scorer: TreeScorer, ids, tokens, parents):
         """Score the tree with the filter stage; return the kept subtree (tokens, parents)."""
-        logp = torch.log_softmax(self.filter.score_tree(ids, tokens, parents), dim=-1)  # (N + 1, V)
+        logp = torch.log_softmax(scorer.score_tree(ids, tokens, parents), dim=-1)  # (N + 1, V)
         n_proposed = len(tokens)  # the proposer's nodes; refinement nodes are appended after them
         cum = [0.0] * len(tokens)
         for i, (t, par) in enumerate(zip(tokens, parents)):
@@ -355,23 +399,24 @@ class TreeRound:
         order = sorted(range(len(tokens)), key=lambda i: (-cum[i], i))[: self.keep]
         kept = sorted(order)  # parents keep coming before children
         index = {old: new for new, old in enumerate(kept)}
-        self.proposer.stats.accepted += sum(1 for i in kept if i < n_proposed)
+        self.proposer.feedback(sum(1 for i in kept if i < n_proposed))  # the filter kept these
         return [tokens[i] for i in kept], [index[parents[i]] if parents[i] >= 0 else -1 for i in kept]
 
-    def run(self, target, ids, budget, params, generator, stats) -> list[int]:
+    def run(self, target, ids, budget, params, generator) -> RoundResult:
+        if not isinstance(target, TreeScorer):
+            raise CascadeError(f"the target stage {target.name!r} cannot verify a tree")
         if budget < 1:
-            logits = target.score(ids, [])
+            logits = _score(target, ids, [])
             nxt = (
                 int(logits[0].argmax())
                 if params.greedy
                 else verify_sampling([], None, warp(logits, params), generator)[1]
             )
-            stats.record(0, 0)
-            return [nxt]
+            return RoundResult([nxt], 0, 0, 0)
         t1 = time.perf_counter()
-        tokens, parents = self.proposer.propose_tree(ids, self.n_nodes, self.width)
-        if self.filter is not None:
-            tokens, parents = self._filter(ids, tokens, parents)
+        tokens, parents = self.tree_drafter.propose_tree(ids, self.n_nodes, self.width)
+        if self.tree_filter is not None:
+            tokens, parents = self._filter(self.tree_filter, ids, tokens, parents)
         depth = self._depths(parents)
         keep = [i for i in range(len(tokens)) if depth[i] <= budget]  # a subtree: depth grows along paths
         if len(keep) < len(tokens):
@@ -379,7 +424,7 @@ class TreeRound:
             tokens = [tokens[i] for i in keep]
             parents = [index[parents[i]] if parents[i] >= 0 else -1 for i in keep]
             depth = [depth[i] for i in keep]
-        stats.draft_s += time.perf_counter() - t1
+        draft_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         logits = target.score_tree(ids, tokens, parents)  # (N + 1, V)
         if params.greedy:
@@ -387,11 +432,13 @@ class TreeRound:
         else:
             path, nxt = verify_tree_sampling(tokens, parents, warp(logits, params), generator)
         target.keep_path(ids, path, tokens)
-        stats.verify_s += time.perf_counter() - t1
+        verify_s = time.perf_counter() - t1
         if self.filter is not None:
-            self.filter.stats.proposed += len(tokens)
-            self.filter.stats.accepted += len(path)
+            self.filter.count_proposed(len(tokens))
+            self.filter.feedback(len(path))
         else:
-            self.proposer.stats.accepted += len(path)
-        stats.record(max(depth, default=0), len(path), min(budget, self.n_nodes))
-        return [tokens[j] for j in path] + [nxt]
+            self.proposer.feedback(len(path))
+        depth_max = max(depth, default=0)
+        return RoundResult(
+            [tokens[j] for j in path] + [nxt], depth_max, len(path), min(budget, self.n_nodes), draft_s, verify_s
+        )

@@ -18,6 +18,8 @@ from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
 
+from .config import TWO_STAGE_K, CascadeConfig, load_cascade, parse_k, parse_k_matrix  # noqa: E402
+from .prompts import read_prompts  # noqa: E402
 from .errors import CascadeError  # noqa: E402
 
 app = typer.Typer(
@@ -81,10 +83,12 @@ class _Streamer:
 CASCADE_HELP = "Cascade file (TOML/YAML/JSON, see docs/cascade.md); overrides --draft."
 
 
-def _cascade_config(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, target, draft):
-    """The cascade the options describe, or None for a plain --draft (two-stage) run."""
-    from .config import CascadeConfig, default_cascade, parse_k, parse_k_matrix
+def _plan(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, draft):
+    """What the generate options ask for: ``(cascade or None, draft model, k)`` for SpeculativeGenerator.
 
+    A cascade file or ``--stages`` (with the other cascade options over it) is a cascade; ``--draft``
+    or a lone ``--k`` is two-stage (the INT8 copy unless a draft is named); no option at all is
+    the default cascade for the target; a file with no stages is plain decoding."""
     over = {
         "mode": mode,
         "k": parse_k(k) if k is not None else None,
@@ -96,26 +100,25 @@ def _cascade_config(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tr
     }
     over = {key: v for key, v in over.items() if v is not None}
     if cascade is not None:
-        from .config import load_cascade
-
         loaded = load_cascade(cascade)
         if loaded is None:  # the file asks for plain decoding
-            return "plain"
+            return None, None, TWO_STAGE_K
         base = loaded.to_dict()
     elif stages is not None:
         base = {"stages": [x.strip() for x in stages.split(",") if x.strip()]}
-        if "k" not in over and "k_matrix" not in over:
-            over["k"] = (3,) * (len(base["stages"]) - 1) + (8,)
     elif draft is not None or k is not None:
-        return None  # two-stage: --draft (INT8 copy unless named) with --k
+        ks = parse_k(k) if k is not None else (TWO_STAGE_K,)
+        if len(ks) != 1:
+            raise CascadeError("--k takes one value with --draft (several go with --stages)")
+        return None, _draft_arg(draft or "int8"), ks[0]
     elif not over:
-        return "default"  # resolved for the loaded target
+        return None, "default", TWO_STAGE_K  # resolved for the loaded target
     else:
-        base = default_cascade().to_dict()
+        base = {"stages": ["mag:none", "int8"], "mag_min_ngram": 2}
     base.update(over)
-    if "k_matrix" in over:
-        base.pop("k", None)
-    return CascadeConfig.from_dict(base)
+    if "k_matrix" in over or ("k" not in over and stages is not None):
+        base.pop("k", None)  # CascadeConfig.from_dict fills in config.default_k
+    return CascadeConfig.from_dict(base), None, TWO_STAGE_K
 
 
 def print_stage_table(stats: dict) -> None:
@@ -178,28 +181,14 @@ def generate(
     """Generate text, streaming it as it is accepted, then a one-line summary.
 
     With no cascade options the embedded model runs the fastest cascade measured for it."""
-    from .generator import SpeculativeGenerator
+    from .generator import SpeculativeGenerator  # heavy (torch): loaded when the command runs
 
     try:
-        config = _cascade_config(
-            cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, target, draft
+        config, draft_model, draft_k = _plan(
+            cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, draft
         )
-        if config == "plain":
-            config, draft = None, "none"
-        elif config == "default":
-            config, draft = None, "default"
-        elif config is None and draft is None:
-            draft = "int8"
-        kk = 8
-        if config is None and k is not None:
-            from .config import parse_k
-
-            ks = parse_k(k)
-            if len(ks) != 1:
-                raise CascadeError("--k takes one value with --draft (several go with --stages)")
-            kk = ks[0]
         gen = SpeculativeGenerator(
-            target, _draft_arg(draft), K=kk, max_len=max_len, cascade=config, precision=precision
+            target, draft_model, K=draft_k, max_len=max_len, cascade=config, precision=precision
         )
         if chat is None:
             chat = bool(getattr(gen.tokenizer, "chat_template", None))
@@ -273,7 +262,7 @@ def info(
 
 
 def describe(model) -> dict:
-    from .engine.model import Transformer
+    from .engine.transformer import Transformer
 
     native = isinstance(model, Transformer)
     return {
@@ -296,7 +285,7 @@ def bench(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     precision: str = typer.Option("stored", "--precision", help=PRECISION_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help="Draft for 'spec' (as in generate)."),
-    k: int = typer.Option(8, "--k", "-k", help="Draft tokens per round for 'spec'."),
+    k: int = typer.Option(TWO_STAGE_K, "--k", "-k", help="Draft tokens per round for 'spec'."),
     cascade: Optional[Path] = typer.Option(None, "--cascade", help="Also bench this cascade file as 'custom'."),
     predict: bool = typer.Option(
         True, "--predict/--no-predict", help="Profile each native method on held-out prompts and print the prediction."
@@ -369,7 +358,7 @@ def tune(
 
     with _user_errors(out):
         gen = SpeculativeGenerator(target, None, precision=precision)
-        texts = D.read_prompts(prompts)[:n_prompts]
+        texts = read_prompts(prompts)[:n_prompts]
         chat = bool(getattr(gen.tokenizer, "chat_template", None))
         ids = [gen.encode(t, chat=chat) for t in texts]
         with console_status("calibrating") as step:
@@ -459,7 +448,7 @@ def distill(
             elif text is not None:
                 seqs = D.text_sequences(gen.tokenizer, text)
             else:
-                plist = D.read_prompts(prompts)
+                plist = read_prompts(prompts)
                 task = progress.add_task("teacher generations", total=len(plist))
                 seqs = D.generate_sequences(gen, plist, cfg.max_new_tokens, lambda: progress.advance(task))
             seq_file.write_text(json.dumps(seqs))

@@ -1,5 +1,5 @@
-"""Cascade configuration: a typed dataclass, read from options, a dict, or a TOML/YAML file,
-and turned into stages and a round.
+"""Cascade configuration: a typed dataclass, read from options, a dict, or a TOML/YAML/JSON
+file (``builder.build_round`` turns it into stages and a round).
 
 Stages are listed smallest first and exclude the target::
 
@@ -32,10 +32,13 @@ from pathlib import Path
 
 from .errors import CascadeError
 
-DATA = Path(__file__).parent / "data"
-SHIPPED_TINY = DATA / "tiny-smollm2-135m-instruct.safetensors"
-SHIPPED_BIGRAM = DATA / "bigram-smollm2-135m-instruct.npz"
 MODES = ("chain", "tree")
+TWO_STAGE_K = 8  # draft tokens per round when one draft model drafts for the target (--draft)
+
+
+def default_k(n_stages: int) -> tuple[int, ...]:
+    """Draft lengths of a chain given only its stages: 3 per review below the top drafter, 8 for the target."""
+    return (3,) * (n_stages - 1) + (8,)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class CascadeConfig:
         except (TypeError, ValueError) as e:
             raise CascadeError(f"bad cascade setting: {e}") from e
         if "stages" in d and "k" not in d and d.get("k_matrix") is None and d.get("mode", "chain") == "chain":
-            d["k"] = (3,) * (len(d["stages"]) - 1) + (8,)
+            d["k"] = default_k(len(d["stages"]))
         return cls(**d)
 
     @classmethod
@@ -189,117 +192,3 @@ def parse_k_matrix(text: str) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(int(x) for x in row) for row in rows)
     except (ValueError, TypeError):
         raise CascadeError(f"k_matrix must look like '6,3;0,2' or '[[6,3],[0,2]]', got {text!r}") from None
-
-
-# -- building -----------------------------------------------------------------------------------
-
-
-def make_stage(
-    spec: str, target, tokenizer, max_len: int, *, progress: bool = True, cache: dict | None = None, mag_min_ngram=1
-):
-    """One drafting stage from its spec (see the module docstring)."""
-    from .stages.mag import BigramTable, MaG
-    from .stages.model import ModelStage
-    from .stages.tiny import TinyProjection, TinyStage
-
-    cache = cache if cache is not None else {}
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("int8", "int4"):
-        from .engine.model import Transformer
-        from .engine.quant import quantize_int4, quantize_int8
-
-        if not isinstance(target, Transformer):
-            raise CascadeError(f"the {kind.upper()} self-draft needs a native target (Llama, Mistral or Qwen2 family)")
-        if kind not in cache:
-            cache[kind] = (quantize_int8 if kind == "int8" else quantize_int4)(target)
-        return ModelStage(cache[kind], max_len, name=kind)
-    if kind == "fp32":
-        return ModelStage(target, max_len, name="fp32")
-    if kind == "layers":
-        from .engine.model import Transformer
-        from .engine.quant import truncated
-
-        if not isinstance(target, Transformer):
-            raise CascadeError("the layers draft needs a native target (Llama, Mistral or Qwen2 family)")
-        n, _, v = arg.partition(":")
-        try:
-            model = truncated(target, int(n), int(v) if v else None)
-        except ValueError as e:
-            raise CascadeError(f"stage {spec!r}: {e}") from None
-        return ModelStage(model, max_len, name=spec)
-    if kind == "tiny":
-        emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
-        if emb is None:
-            raise CascadeError("the tiny model needs a native target (it uses the target's token embeddings)")
-        path = Path(arg) if arg else SHIPPED_TINY
-        if not arg and not path.is_file():
-            raise CascadeError("no tiny model is shipped for this target; train one with 'cascade distill'")
-        return TinyStage(TinyProjection.load(path, emb), name="tiny")
-    if kind == "mag":
-        bigram = None
-        if arg.lower() == "none":
-            bigram = None
-        elif arg:
-            bigram = BigramTable.load(arg)
-        elif SHIPPED_BIGRAM.is_file():
-            shipped = BigramTable.load(SHIPPED_BIGRAM)
-            if shipped.vocab_size == target.vocab_size and _is_default_target(target):
-                bigram = shipped
-        return MaG(target.vocab_size, bigram, min_ngram=mag_min_ngram, max_ngram=max(4, mag_min_ngram), name="mag")
-    from .generator import as_model
-    from .stages.model import ModelStage
-
-    if not (Path(spec).exists() or spec.endswith(".gguf") or "/" in spec):
-        raise CascadeError(
-            f"unknown stage {spec!r}: expected int8, int4, fp32, layers:N[:V], tiny[:PATH], mag[:PATH|none], or a model "
-            "(a .gguf file, a model directory, a hub id like org/name)"
-        )
-    model, _ = as_model(spec, progress=progress)
-    if model.vocab_size != target.vocab_size:
-        raise CascadeError(f"vocabulary mismatch: {spec} has {model.vocab_size} tokens, the target {target.vocab_size}")
-    return ModelStage(model, max_len, name=Path(spec).name or spec)
-
-
-def _is_default_target(target) -> bool:
-    """Is ``target`` the model the shipped tiny model and bigram table were made for?"""
-    from .stages.tiny import fingerprint_matches, read_info
-
-    emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
-    if emb is None or not SHIPPED_TINY.is_file():
-        return emb is not None and tuple(emb.shape) == (49152, 576)
-    return fingerprint_matches(emb, read_info(SHIPPED_TINY)["embedding_fingerprint"])
-
-
-def build_round(config: CascadeConfig, target, tokenizer, max_len: int, *, progress: bool = True, cache=None):
-    """(round, stages smallest first) for ``config`` on ``target``; ``cache`` shares models (the INT8 copy)."""
-    from .cascade import ChainRound, TreeRound, build_csd
-
-    cache = {} if cache is None else cache
-    stages = [
-        make_stage(s, target, tokenizer, max_len, progress=progress, cache=cache, mag_min_ngram=config.mag_min_ngram)
-        for s in config.stages
-    ]
-    if config.mode == "tree":
-        proposer, filt = stages[0], (stages[1] if len(stages) > 1 else None)
-        rnd = TreeRound(proposer, filt, n_nodes=config.tree_nodes, width=config.tree_width, keep=config.tree_keep)
-        return rnd, stages
-    drafter, k = build_csd(list(reversed(stages)), config.chain_matrix(), lenience=config.lenience)
-    return ChainRound(drafter, k), stages
-
-
-def default_cascade(target=None) -> CascadeConfig:
-    """The default cascade for ``target``, from side-by-side measurements (docs/cascade.md).
-
-    A target whose matrices are quantized (a GGUF file's 4- or 8-bit blocks) costs little more to
-    read than any neural draft of it, and verifying several tokens costs it more than one: MaG
-    alone proposes up to 4 tokens where the text repeats a 3-gram or longer, and otherwise the
-    target decodes one token. A dense target (fp32, bf16, fp16) is dominated by reading its weights:
-    MaG proposes up to 3 tokens on 2-gram+ repeats to its INT8 copy, which drafts 8 for the target."""
-    from .engine.model import Transformer
-
-    if isinstance(target, Transformer) and target.is_quantized:
-        return CascadeConfig(stages=("mag:none",), k=(4,), mag_min_ngram=3)
-    if target is not None and not isinstance(target, Transformer):
-        return CascadeConfig(stages=("mag:none",), k=(4,), mag_min_ngram=3)
-    return CascadeConfig(stages=("mag:none", "int8"), k=(3, 8), mag_min_ngram=2)

@@ -2,8 +2,10 @@
 
 The loop prefills the target, then runs *rounds* until enough tokens are out: a round
 (``cascade.ChainRound`` or ``cascade.TreeRound``) drafts, lets the target verify in one
-forward, and returns the accepted tokens plus one recovered/bonus token. Plain
-autoregressive decoding is a chain round without a drafter.
+forward, and returns a :class:`~.cascade.RoundResult`: the accepted tokens plus one
+recovered/bonus token, and what it drafted. The loop alone writes :class:`GenerationStats`;
+each stage alone writes its own :class:`~.stages.base.StageStats`. Plain autoregressive
+decoding is a chain round without a drafter.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from .errors import CascadeError
 from .sampling import SamplingParams
 from .stages.base import StageStats
-from .stages.model import ModelStage
+from .stages.neural import ModelStage
 
 
 @dataclass
@@ -39,10 +41,13 @@ class GenerationStats:
     stop_reason: str = ""
     stages: list[StageStats] = field(default_factory=list)  # drafting stages, smallest first, then the target
 
-    def record(self, positions: int, accepted: int, budget: int | None = None) -> None:
-        """One target verification of ``positions`` drafted positions, ``accepted`` of them accepted;
-        ``budget``: the positions the round could have drafted (a drafter may propose fewer)."""
-        budget = max(positions, budget or 0)
+    def record(self, res: RoundResult) -> None:
+        """One round: ``res.drafted`` positions verified, ``res.accepted`` of them accepted, out of
+        ``res.budget`` the round could have drafted (a drafter may propose fewer)."""
+        positions, accepted = res.drafted, res.accepted
+        budget = max(positions, res.budget)
+        self.draft_s += res.draft_s
+        self.verify_s += res.verify_s
         self.rounds += 1
         self.drafted += positions
         self.accepted += accepted
@@ -73,7 +78,6 @@ class GenerationStats:
         d.update(
             acceptance_rate=self.acceptance_rate,
             mean_accepted_length=self.mean_accepted_length,
-            avg_tokens_per_round=self.mean_accepted_length,
             tokens_per_s=self.tokens_per_s,
         )
         return d
@@ -128,37 +132,28 @@ class StopChecker:
 
 
 def generate_tokens(
-    target,
+    target: ModelStage,
     prompt_ids: list[int],
     *,
-    drafter=None,
-    k: int = 5,
-    round=None,
+    round: Round | None = None,
     max_new_tokens: int = 128,
     params: SamplingParams = SamplingParams(),
     stop: StopChecker | None = None,
-    max_len: int = 2048,
-    target_stage: ModelStage | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], GenerationStats]:
     """Generate up to ``max_new_tokens`` after ``prompt_ids``; return (new token ids, stats).
 
-    ``round`` is a :class:`~.cascade.ChainRound` or :class:`~.cascade.TreeRound`; by default
-    a chain round with ``drafter`` and ``k`` (``drafter=None``: autoregressive decoding).
-    ``target_stage`` reuses a target's cache across calls.
+    ``target``: the target model with its KV cache (its size bounds prompt + new tokens + draft
+    room); ``round``: a :class:`~.cascade.ChainRound` or :class:`~.cascade.TreeRound` (None:
+    autoregressive decoding). ``on_tokens`` receives the new tokens of every round as they are final.
     """
-    from .cascade import ChainRound
-
-    if round is None:
-        round = ChainRound(drafter, k)
-    check_context(len(prompt_ids), max_new_tokens, round.room - 1, max_len)
-    model = target if target is not None else target_stage.model
-    stop = stop or StopChecker(getattr(model, "eos_token_ids", ()))
+    round = round if round is not None else ChainRound()
+    check_context(len(prompt_ids), max_new_tokens, round.room - 1, target.max_len)
+    stop = stop or StopChecker(getattr(target.model, "eos_token_ids", ()))
     generator = None
     if not params.greedy:
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-    stage = target_stage or ModelStage(model, max_len, name="target")
-    stage.reset()
+    target.reset()
     round.reset()
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     ids = list(prompt_ids)
@@ -167,16 +162,18 @@ def generate_tokens(
 
     # Prefill: the whole prompt but its last token, which every round feeds first.
     if len(ids) > 1:
-        stage.runner.forward(ids[:-1], last_only=True)
-        round.after_prefill(stage, len(ids) - 1)
+        target.prefill(ids[:-1])
+        round.after_prefill(target, len(ids) - 1)
     stats.prefill_s = time.perf_counter() - t0
     while len(out) < max_new_tokens:
-        new = round.run(stage, ids, max_new_tokens - len(out) - 1, params, generator, stats)
+        res = round.run(target, ids, max_new_tokens - len(out) - 1, params, generator)
+        stats.record(res)
+        new = res.tokens
         start = len(out)
         out.extend(new)
         ids.extend(new)
         # The target saw ids up to the last accepted draft; its cache keeps exactly that.
-        stage.commit(len(ids) - 1)
+        target.commit(len(ids) - 1)
         round.commit(len(ids) - 1)
         cut = stop.cut(out, start)
         if cut is not None:
@@ -195,5 +192,5 @@ def generate_tokens(
             on_tokens(new)
     stats.new_tokens = len(out)
     stats.total_s = time.perf_counter() - t0
-    stats.stages = round.stage_stats() + [stage.stats]
+    stats.stages = round.stage_stats() + [target.stats]
     return out, stats

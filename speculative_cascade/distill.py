@@ -24,7 +24,6 @@ from .stages.mag import BigramTable
 from .stages.tiny import TinyProjection
 
 TOPK = 16
-DEFAULT_PROMPTS = Path(__file__).parent / "data" / "distill_prompts.txt"
 
 
 @dataclass(frozen=True)
@@ -35,21 +34,6 @@ class DistillConfig:
     lr: float = 3e-3
     holdout: float = 0.1  # fraction of sequences held out for the agreement figure
     seed: int = 0
-
-
-def read_prompts(path: Path | None) -> list[str]:
-    """Prompts from a text file (one per line) or a Spec-Bench JSONL file (first turn of each line)."""
-    path = Path(path) if path else DEFAULT_PROMPTS
-    if not path.is_file():
-        raise CascadeError(f"prompt file not found: {path}")
-    if path.suffix == ".jsonl":
-        from .bench.runner import load_prompts
-
-        return [r["prompt"] for r in load_prompts(path, 0)]
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise CascadeError(f"no prompts in {path}")
-    return prompts
 
 
 def generate_sequences(generator, prompts: list[str], max_new_tokens: int, progress=None) -> list[list[int]]:

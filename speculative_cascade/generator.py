@@ -11,51 +11,25 @@ from __future__ import annotations
 
 import threading
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .cascade import ChainRound
+from .builder import build_round, default_cascade
+from .cascade import ChainRound, Round
+from .config import TWO_STAGE_K, CascadeConfig, load_cascade
 from .decoding import GenerationStats, StopChecker, eos_ids, generate_tokens
-from .stages.model import ModelStage
-from .engine.hf_fallback import HFCausalLM
 from .engine import kernels
-from .engine.loader import LoadedModel, load_model
-from .engine.model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
+from .engine.loader import as_model
 from .engine.quant import quantize_int8
+from .engine.transformer import Transformer
+from . import prompts
 from .errors import CascadeError
 from .sampling import SamplingParams
+from .stages.neural import ModelStage
 
 INT8_SELF_DRAFT = "int8"
-DEFAULT_DRAFT = "default"  # the default cascade for the target (config.default_cascade)
-DEFAULT_K = 8  # measured best for the embedded model's INT8 self-draft on a 2-core CPU (README)
-
-
-def as_model(obj, *, progress: bool = True, precision: str = "stored") -> tuple[torch.nn.Module, object | None]:
-    """Turn a spec (str/path/None), a LoadedModel, a native model or a transformers model
-    into ``(model with the native interface, tokenizer or None)``."""
-    if isinstance(obj, Path):
-        obj = str(obj)
-    if obj is None or isinstance(obj, str):
-        lm = load_model(obj, progress=progress, precision=precision)
-        return lm.model, lm.tokenizer
-    if isinstance(obj, LoadedModel):
-        return obj.model, obj.tokenizer
-    if isinstance(obj, (Transformer, HFCausalLM)):
-        return obj, None
-    config = getattr(obj, "config", None)
-    if config is not None and hasattr(obj, "state_dict"):  # a transformers PreTrainedModel
-        if getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES:
-            try:
-                args = ModelArgs.from_hf_config(config)
-            except ValueError:
-                return HFCausalLM(obj), None
-            model = Transformer(args)
-            model.load_hf_state_dict(obj.state_dict(), precision=precision)
-            return model.eval(), None
-        return HFCausalLM(obj), None
-    raise CascadeError(f"cannot use {type(obj).__name__} as a model")
+DEFAULT_DRAFT = "default"  # the default cascade for the target (builder.default_cascade)
 
 
 class SpeculativeGenerator:
@@ -66,7 +40,7 @@ class SpeculativeGenerator:
         target_model: model spec (None = embedded SmolLM2-135M-Instruct, a GGUF path, a
             Hugging Face directory or hub id), or a loaded model.
         draft_model: ``"default"`` (the default cascade measured for the target's kind, see
-            :func:`~.config.default_cascade`), ``"int8"`` (an INT8 copy of the target), another
+            :func:`~.builder.default_cascade`), ``"int8"`` (an INT8 copy of the target), another
             spec or model, or None for plain autoregressive decoding.
         tokenizer: defaults to the target's own.
         K: draft tokens per round.
@@ -83,7 +57,7 @@ class SpeculativeGenerator:
         draft_model=DEFAULT_DRAFT,
         tokenizer=None,
         *,
-        K: int = DEFAULT_K,
+        K: int = TWO_STAGE_K,
         max_len: int = 2048,
         device: str = "cpu",
         progress: bool = True,
@@ -94,10 +68,8 @@ class SpeculativeGenerator:
             raise CascadeError(f"K must be >= 1, got {K}")
         if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
             raise CascadeError(f"device {device!r} is not available here")
-        self.config = None
+        self.config: CascadeConfig | None = None
         if cascade is not None:
-            from .config import load_cascade
-
             self.config = load_cascade(cascade)  # None: the file asks for plain decoding
             draft_model = None
         if precision is None:
@@ -105,8 +77,6 @@ class SpeculativeGenerator:
         self.precision = precision
         self.target, target_tok = as_model(target_model, progress=progress, precision=precision)
         if self.config is None and cascade is None and draft_model == DEFAULT_DRAFT:
-            from .config import default_cascade
-
             self.config = default_cascade(self.target).with_(precision=precision)
             draft_model = None
         self.tokenizer = tokenizer or target_tok
@@ -139,13 +109,13 @@ class SpeculativeGenerator:
             self.draft.to(device)
         self.K = K
         self._target_stage = ModelStage(self.target, self.max_len, name="target")
-        self._round = None
+        self._round: Round | None = None
         if self.config is not None:
-            from .config import build_round
-
-            self._round, _ = build_round(self.config, self.target, self.tokenizer, self.max_len, progress=progress)
-        elif self.draft is not None:
-            self._round = ChainRound(ModelStage(self.draft, self.max_len, name="draft"), K)
+            self._round, _ = build_round(self.config, self.target, self.max_len, progress=progress)
+        elif self.draft is not None:  # two-stage: the draft model's stage, built by the caller's model
+            two_stage = CascadeConfig(stages=("draft",), k=(K,))
+            draft_stage = ModelStage(self.draft, self.max_len, name="draft")
+            self._round, _ = build_round(two_stage, self.target, self.max_len, stages=[draft_stage])
         self._stats = GenerationStats()
         self.last_token_ids: list[int] = []
         # one generation at a time: the stages' KV caches and statistics belong to one sequence,
@@ -166,15 +136,7 @@ class SpeculativeGenerator:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes from the command line arrive as surrogates
             raise CascadeError("the prompt is not valid UTF-8 text") from None
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise CascadeError("this tokenizer has no chat template; use chat=False")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(prompt)
+        ids = prompts.encode(self.tokenizer, prompt, chat)
         if not ids:
             raise CascadeError("the tokenizer turned the prompt into no tokens")
         return ids
@@ -203,14 +165,12 @@ class SpeculativeGenerator:
 
     def _generate_locked(self, ids, params, stopper, speculative, max_new_tokens, on_tokens) -> list[int]:
         out, self._stats = generate_tokens(
-            self.target,
+            self._target_stage,
             ids,
             round=self._round if speculative and self._round is not None else ChainRound(),
             max_new_tokens=max_new_tokens,
             params=params,
             stop=stopper,
-            max_len=self.max_len,
-            target_stage=self._target_stage,
             on_tokens=on_tokens,
         )
         self.last_token_ids = out
@@ -221,7 +181,7 @@ class SpeculativeGenerator:
         out = self.generate_ids(prompt, max_new_tokens=max_new_tokens, **kwargs)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
-    def set_round(self, round) -> None:
+    def set_round(self, round: Round | None) -> None:
         """Use a prepared round (``cascade.ChainRound``/``TreeRound``; None: autoregressive)."""
         self._round = round
 
@@ -230,7 +190,7 @@ class SpeculativeGenerator:
         return self._round is not None
 
     def get_stats(self) -> dict:
-        """Statistics of the last call: acceptance_rate, avg_tokens_per_round, tokens_per_s, ``stages``
+        """Statistics of the last call: acceptance_rate, mean_accepted_length, tokens_per_s, ``stages``
         (per stage, smallest first: forwards, proposed, accepted by the next stage, seconds), ..."""
         return self._stats.to_dict()
 
@@ -240,7 +200,7 @@ def generate(
     *,
     target=None,
     draft=DEFAULT_DRAFT,
-    K: int = DEFAULT_K,
+    K: int = TWO_STAGE_K,
     max_new_tokens: int = 128,
     **kwargs,
 ) -> str:

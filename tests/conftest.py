@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speculative_cascade.engine.model import ModelArgs, Transformer
+from speculative_cascade.engine.transformer import ModelArgs, Transformer
 
 VOCAB = 320
 
@@ -84,3 +84,14 @@ def tiny_draft_dir(tmp_path_factory, tiny_tokenizer):
     hf_model("llama", seed=1, layers=1).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+def decode(target, prompt, *, drafter=None, k=0, round=None, max_len=128, target_stage=None, **kw):
+    """``generate_tokens`` for a plain model: its stage (cache of ``max_len``) and a chain round of
+    ``drafter``/``k`` (None: autoregressive) unless a stage or a round is given."""
+    from speculative_cascade.cascade import ChainRound
+    from speculative_cascade.decoding import generate_tokens
+    from speculative_cascade.stages.neural import ModelStage
+
+    stage = target_stage if target_stage is not None else ModelStage(target, max_len, name="target")
+    return generate_tokens(stage, prompt, round=round if round is not None else ChainRound(drafter, k), **kw)

@@ -6,15 +6,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_native
+from conftest import decode, tiny_native
 from speculative_cascade import verify as verify_mod
 from speculative_cascade.cascade import ChainRound, Horizontal, Level, TreeRound, build_csd
-from speculative_cascade.decoding import StopChecker, generate_tokens
+from speculative_cascade.decoding import StopChecker
 from speculative_cascade.engine.quant import quantize_int4, quantize_int8
 from speculative_cascade.errors import CascadeError
 from speculative_cascade.sampling import SamplingParams
 from speculative_cascade.stages.mag import MaG, BigramTable
-from speculative_cascade.stages.model import ModelStage
+from speculative_cascade.stages.neural import ModelStage
 from speculative_cascade.stages.tiny import TinyProjection, TinyStage
 from test_speculative import ALPHA, chi2_pvalue, exact_joint
 
@@ -47,12 +47,12 @@ def stages():
 
 
 def ar(prompt, n=N, target=TARGET):
-    out, _ = generate_tokens(target, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=128)
+    out, _ = decode(target, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=128)
     return out
 
 
 def run(prompt, n=N, params=SamplingParams(), max_len=128, target=TARGET, **kw):
-    return generate_tokens(target, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=max_len, params=params, **kw)
+    return decode(target, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=max_len, params=params, **kw)
 
 
 CHAINS = [

@@ -202,7 +202,7 @@ def test_python_api(tiny_model_dir, tiny_draft_dir):
     text = gen.generate("the lazy dog", max_new_tokens=16)
     assert isinstance(text, str)
     stats = gen.get_stats()
-    assert {"acceptance_rate", "avg_tokens_per_round", "tokens_per_s"} <= set(stats)
+    assert {"acceptance_rate", "mean_accepted_length", "tokens_per_s"} <= set(stats)
     plain = SpeculativeGenerator(target_model=str(tiny_model_dir), draft_model=None, max_len=128)
     assert plain.generate_ids("the lazy dog", max_new_tokens=16) == gen.last_token_ids
     with pytest.raises(CascadeError):
@@ -296,7 +296,7 @@ def test_seed_benchmark_aliases(tmp_path, tiny_model_dir):
     base = [
         sys.executable,
         "-m",
-        "speculative_cascade.benchmarks.compare_methods",
+        "speculative_cascade.seed.compare_methods",
         "--dataset",
         str(prompts),
         "--target",

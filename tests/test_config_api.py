@@ -238,8 +238,8 @@ def test_distillation_raises_agreement():
 
 def test_seed_apis(tiny_model_dir, tiny_ckpt):
     from speculative_cascade import CascadeInference
-    from speculative_cascade.csd import csd, get_mag_model
-    from speculative_cascade.models import DraftModel, TargetModel, TinyModel
+    from speculative_cascade.seed.csd import csd, get_mag_model
+    from speculative_cascade.seed.inference import DraftModel, TargetModel, TinyModel
 
     target = TargetModel.from_pretrained(str(tiny_model_dir), progress=False)
     draft = DraftModel.from_pretrained(str(tiny_model_dir), quantize_int8=True, progress=False)

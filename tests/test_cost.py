@@ -8,7 +8,7 @@ from conftest import tiny_native
 from speculative_cascade.cost import Acceptance, ForwardCost, predict_chain
 from speculative_cascade.cost.calibrate import measure_forward_cost
 from speculative_cascade.errors import CascadeError
-from speculative_cascade.stages.model import ModelStage
+from speculative_cascade.stages.neural import ModelStage
 
 
 def test_constant_acceptance_gives_leviathans_expected_length():
@@ -125,7 +125,7 @@ def test_forward_cost_grows_with_the_context():
 
 
 def test_generation_rate_charges_the_cut_last_round():
-    from speculative_cascade.cost.model import generation_rate
+    from speculative_cascade.cost.analytic import generation_rate
 
     assert math.isclose(generation_rate(1.0, 0.03, 128), 1 / 0.03)  # autoregressive: exactly N rounds
     assert math.isclose(generation_rate(8.0, 0.1), 80.0)
@@ -134,12 +134,13 @@ def test_generation_rate_charges_the_cut_last_round():
 
 
 def test_budgeted_positions_count_a_drafter_that_proposes_nothing_as_rejected():
+    from speculative_cascade.cascade import RoundResult
     from speculative_cascade.decoding import GenerationStats
 
     st = GenerationStats()
-    st.record(0, 0, 4)  # a drafter with nothing to say (MaG without a match)
-    st.record(4, 2, 4)
-    st.record(2, 2, 2)  # the token budget allowed only 2 positions
+    st.record(RoundResult([1], drafted=0, accepted=0, budget=4))  # a drafter with nothing to say (MaG, no match)
+    st.record(RoundResult([1, 2, 3], drafted=4, accepted=2, budget=4))
+    st.record(RoundResult([1, 2, 3], drafted=2, accepted=2, budget=2))  # the token budget allowed only 2 positions
     assert st.budgeted_by_position == [3, 3, 2, 2]
     assert st.drafted_by_position == [2, 2, 1, 1]
     acc = Acceptance.from_counts(st.accepted_by_position, st.budgeted_by_position)
@@ -151,7 +152,7 @@ def _profile(rnd, target, prompts, n=16):
 
     stage = ModelStage(target, 256, name="target")
     cost = measure_target_cost(stage, prompts, 256, short=8, long=64)
-    return profile_round("x", rnd, stage, prompts, cost, max_new_tokens=n, max_len=256)
+    return profile_round("x", rnd, stage, prompts, cost, max_new_tokens=n)
 
 
 def test_profile_of_an_exact_drafter_and_its_closed_form():

@@ -16,7 +16,7 @@ import torch
 from conftest import hf_model, native_from_hf
 from speculative_cascade.engine import kernels
 from speculative_cascade.engine.formats import Format, PackedWeight, concat, from_gguf
-from speculative_cascade.engine.model import sc_mat
+from speculative_cascade.engine.transformer import sc_mat
 
 RUNNABLE = [v for v in kernels.cpu_variants() if v in kernels.platform_variants()]
 
@@ -218,7 +218,7 @@ def test_forward_matches_pytorch(variant, tiny):
 def test_long_context_attention_does_not_overflow_the_stack():
     """Llama-3.2-1B's attention shape (32 heads, 8 KV heads, head size 64): 9 new tokens at a
     context of 8000 and 32 at 4000 (the stack allocation per job that used to crash)."""
-    from speculative_cascade.engine.model import ModelArgs, Transformer
+    from speculative_cascade.engine.transformer import ModelArgs, Transformer
 
     args = ModelArgs(vocab_size=64, dim=2048, n_layers=1, n_heads=32, n_kv_heads=8, head_dim=64,
                      intermediate_size=64, max_position_embeddings=8192)

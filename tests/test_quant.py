@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_native
 from speculative_cascade.engine import kernels
 from speculative_cascade.engine.formats import Format
-from speculative_cascade.engine.model import Linear
+from speculative_cascade.engine.transformer import Linear
 from speculative_cascade.engine.quant import quantize_int8, quantize_weight
 
 RUNNABLE = [v for v in kernels.cpu_variants() if v in kernels.platform_variants()]

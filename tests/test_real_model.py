@@ -58,7 +58,7 @@ def test_speculative_greedy_equals_autoregressive(smol, prompt):
 )
 def test_cascades_greedy_equal_autoregressive(smol, cascade):
     from speculative_cascade import SpeculativeGenerator
-    from speculative_cascade.config import default_cascade
+    from speculative_cascade.builder import default_cascade
 
     gen = SpeculativeGenerator(
         smol.target, tokenizer=smol.tokenizer, max_len=1024, cascade=default_cascade(smol.target) if cascade is None else default_cascade() if cascade == "dense" else cascade
@@ -73,7 +73,7 @@ def test_cascades_greedy_equal_autoregressive(smol, cascade):
 def test_shipped_tiny_model_and_bigram_table_fit_the_embedded_target(smol):
     import torch
 
-    from speculative_cascade.config import SHIPPED_BIGRAM, SHIPPED_TINY
+    from speculative_cascade.builder import SHIPPED_BIGRAM, SHIPPED_TINY
     from speculative_cascade.stages.mag import BigramTable
     from speculative_cascade.stages.tiny import TinyProjection
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import hf_model, tiny_native
+from conftest import decode, hf_model, tiny_native
 from speculative_cascade import verify as verify_mod
-from speculative_cascade.decoding import StopChecker, generate_tokens
-from speculative_cascade.stages.model import ModelStage
+from speculative_cascade.decoding import StopChecker
+from speculative_cascade.stages.neural import ModelStage
 from speculative_cascade.engine.hf_fallback import HFCausalLM
 from speculative_cascade.engine.quant import quantize_int8
 from speculative_cascade.errors import CascadeError
@@ -34,7 +34,7 @@ DRAFTERS = drafters()
 
 
 def ar(prompt, n=24, **kw):
-    out, _ = generate_tokens(TARGET, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=128, **kw)
+    out, _ = decode(TARGET, prompt, max_new_tokens=n, stop=StopChecker(()), max_len=128, **kw)
     return out
 
 
@@ -42,7 +42,7 @@ def ar(prompt, n=24, **kw):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_equals_autoregressive(name, k):
     for prompt in PROMPTS:
-        out, stats = generate_tokens(
+        out, stats = decode(
             TARGET,
             prompt,
             drafter=ModelStage(DRAFTERS[name], 128),
@@ -59,7 +59,7 @@ def test_greedy_equals_autoregressive(name, k):
 
 def test_random_drafter_is_really_rejected():
     """The equality above is not vacuous: the random drafter disagrees with the target."""
-    _, stats = generate_tokens(
+    _, stats = decode(
         TARGET,
         PROMPTS[0],
         drafter=ModelStage(DRAFTERS["random"], 128),
@@ -80,7 +80,7 @@ def test_random_drafter_is_really_rejected():
 )
 def test_greedy_equality_property(prompt, k, n, seed):
     draft = [DRAFTERS["random"], DRAFTERS["int8"], DRAFTERS["same"], tiny_native(seed=20 + seed, layers=1)][seed]
-    out, stats = generate_tokens(
+    out, stats = decode(
         TARGET, prompt, drafter=ModelStage(draft, 64), k=k, max_new_tokens=n, stop=StopChecker(()), max_len=64
     )
     assert out == ar(prompt, n=n)
@@ -174,7 +174,7 @@ def test_end_to_end_sampling_matches_target_joint():
     counts = np.zeros(V * V)
     drafter = ModelStage(draft, 16)
     for s in range(6000):
-        out, _ = generate_tokens(
+        out, _ = decode(
             target,
             prompt,
             drafter=drafter,
@@ -204,7 +204,7 @@ def test_top_k_top_p_sampling_is_lossless():
 def test_seeded_sampling_is_deterministic():
     d = ModelStage(DRAFTERS["random"], 128)
     runs = [
-        generate_tokens(
+        decode(
             TARGET,
             PROMPTS[0],
             drafter=d,
@@ -228,7 +228,7 @@ def test_eos_stops_and_is_dropped():
     eos = full[5]
     first = full.index(eos)
     for drafter in (None, ModelStage(DRAFTERS["int8"], 128)):
-        out, stats = generate_tokens(
+        out, stats = decode(
             TARGET, PROMPTS[0], drafter=drafter, k=4, max_new_tokens=24, stop=StopChecker({eos}), max_len=128
         )
         assert out == full[:first]
@@ -237,28 +237,28 @@ def test_eos_stops_and_is_dropped():
 
 def test_stop_string_keeps_shortest_prefix():
     full = ar(PROMPTS[0], n=24)
-    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    target_str = decode(full[6:8])
-    out, stats = generate_tokens(
+    text = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    target_str = text(full[6:8])
+    out, stats = decode(
         TARGET,
         PROMPTS[0],
         drafter=ModelStage(DRAFTERS["same"], 128),
         k=5,
         max_new_tokens=24,
-        stop=StopChecker((), [target_str], decode),
+        stop=StopChecker((), [target_str], text),
         max_len=128,
     )
-    assert target_str in decode(out) and target_str not in decode(out[:-1])
+    assert target_str in text(out) and target_str not in text(out[:-1])
     assert stats.stop_reason == "stop_string"
 
 
 def test_context_limit_is_a_clear_error():
     with pytest.raises(CascadeError, match="context limit"):
-        generate_tokens(TARGET, [1] * 60, drafter=ModelStage(TARGET, 64), k=4, max_new_tokens=10, max_len=64)
+        decode(TARGET, [1] * 60, drafter=ModelStage(TARGET, 64), k=4, max_new_tokens=10, max_len=64)
     with pytest.raises(CascadeError, match="empty"):
-        generate_tokens(TARGET, [], max_new_tokens=10, max_len=64)
+        decode(TARGET, [], max_new_tokens=10, max_len=64)
     with pytest.raises(CascadeError, match="k must be"):
-        generate_tokens(TARGET, [1], drafter=ModelStage(TARGET, 64), k=0, max_new_tokens=10, max_len=64)
+        decode(TARGET, [1], drafter=ModelStage(TARGET, 64), k=0, max_new_tokens=10, max_len=64)
 
 
 def test_bad_sampling_params():
@@ -268,13 +268,12 @@ def test_bad_sampling_params():
 
 
 def test_int8_draft_shares_the_target_prefill():
-    from speculative_cascade.stages.model import ModelRunner
-
-    runner = ModelRunner(TARGET, 64)
-    runner.forward([5, 6, 7, 8, 9])
+    target = ModelStage(TARGET, 64, name="target")
+    target.prefill([5, 6, 7, 8, 9])
+    runner = target.runner
     same_shape = ModelStage(DRAFTERS["int8"], 64)
-    assert same_shape.share_prefix(runner, 5)
+    assert same_shape.share_prefix(target, 5)
     torch.testing.assert_close(same_shape.runner.cache.k[:, :, :, :5], runner.cache.k[:, :, :, :5])
     assert same_shape.runner.length == 5
-    assert not ModelStage(DRAFTERS["random"], 64).share_prefix(runner, 5)  # one layer: not shareable
-    assert not ModelStage(DRAFTERS["hf-fallback"], 64).share_prefix(runner, 5)
+    assert not ModelStage(DRAFTERS["random"], 64).share_prefix(target, 5)  # one layer: not shareable
+    assert not ModelStage(DRAFTERS["hf-fallback"], 64).share_prefix(target, 5)

@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..builder import build_round, default_cascade
+from ..cascade import Round
+from ..config import CascadeConfig
+from ..cost.tune import TuneResult, tune
 from ..decoding import StopChecker, eos_ids, generate_tokens
-from ..cascade import ChainRound
-from ..stages.model import ModelStage
+from ..engine.loader import LoadedModel, as_model
+from ..engine.quant import quantize_int8
 from ..errors import CascadeError
+from ..stages.neural import ModelStage
 
 
 @dataclass
@@ -25,25 +30,23 @@ class Result:
 class BenchContext:
     """What the methods share: the target, its tokenizer, the draft, k and the cache size."""
 
-    def __init__(self, loaded, draft_spec, k: int, max_len: int) -> None:
+    def __init__(self, loaded: LoadedModel, draft_spec: str | None, k: int, max_len: int) -> None:
         self.loaded, self.draft_spec, self.k, self.max_len = loaded, draft_spec, k, max_len
         self.target = loaded.model
         self.tokenizer = loaded.tokenizer
         self._draft = None
-        self.cascades: dict = {}  # method name -> CascadeConfig overriding the method's own
+        self.cascades: dict[str, CascadeConfig | None] = {}  # method name -> the cascade it ran (None: plain)
         self.predicted: dict = {}  # method name -> the cost model's prediction (decode tokens/s and parts)
         self.calibration_prompts: list[list[int]] = []  # token ids; same distribution, not benchmarked
         self.context: float | None = None  # the benchmark's mean context length while decoding
         self.target_cost = None  # the target's t(n, L), measured once
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
+        self.custom: CascadeConfig | None = None  # the cascade of --cascade FILE (method 'custom')
 
     @property
     def draft(self):
         if self._draft is None:
-            from ..generator import INT8_SELF_DRAFT, as_model
-            from ..engine.quant import quantize_int8
-
-            if self.draft_spec in (None, INT8_SELF_DRAFT):
+            if self.draft_spec in (None, "int8"):
                 self._draft = self.shared.get("int8") or quantize_int8(self.target)
                 self.shared["int8"] = self._draft
             else:
@@ -57,9 +60,15 @@ class BenchContext:
 
 
 class Method:
+    """A benchmarked method. Native methods also have a ``round`` (what the cost model profiles and the
+    sampling check runs), the ``target_stage`` it runs on, and, for ``auto``, what tune chose."""
+
     name = ""
     description = ""
     speculative = False
+    round: Round | None = None
+    target_stage: ModelStage | None = None
+    tuned: TuneResult | None = None
 
     def __init__(self, ctx: BenchContext) -> None:
         self.ctx = ctx
@@ -198,7 +207,10 @@ class LlamaCppLookup(LlamaCpp):
 
 
 class Native(Method):
-    """Native decoder driven by a round (``cascade.ChainRound`` / ``TreeRound``); plain: autoregressive."""
+    """Native decoder driven by a round (``cascade.ChainRound`` / ``TreeRound``); plain: autoregressive.
+
+    A native method is a cascade configuration (:meth:`cascade`, None: autoregressive) built by
+    :func:`~..builder.build_round`; the configuration it ran is recorded in ``ctx.cascades``."""
 
     name = "ar"
     description = "native decoder, autoregressive"
@@ -208,19 +220,23 @@ class Native(Method):
         self.target_stage = ModelStage(ctx.target, ctx.max_len, name="target")
         self.round = self.make_round()
 
-    def make_round(self):
-        return ChainRound()
+    def cascade(self) -> CascadeConfig | None:
+        return None
+
+    def make_round(self) -> Round:
+        config = self.cascade()
+        if self.speculative:
+            self.ctx.cascades[self.name] = config
+        return build_round(config, self.ctx.target, self.ctx.max_len, shared=self.ctx.shared)[0]
 
     def run(self, prompt_ids, max_new_tokens):
         t0 = time.perf_counter()
         out, stats = generate_tokens(
-            self.ctx.target,
+            self.target_stage,
             prompt_ids,
             round=self.round,
             max_new_tokens=max_new_tokens,
             stop=StopChecker(self.ctx.eos_ids()),
-            max_len=self.ctx.max_len,
-            target_stage=self.target_stage,
         )
         seconds = time.perf_counter() - t0
         return Result(out, seconds, stats.total_s - stats.prefill_s, stats.to_dict())
@@ -231,38 +247,36 @@ class TwoStage(Native):
     description = "two-stage speculative decoding (draft: INT8 copy of the target by default, k from --k)"
     speculative = True
 
-    def make_round(self):
-        return ChainRound(ModelStage(self.ctx.draft, self.ctx.max_len, name="draft"), self.ctx.k)
+    def make_round(self) -> Round:
+        config = CascadeConfig(stages=("draft",), k=(self.ctx.k,))
+        draft = ModelStage(self.ctx.draft, self.ctx.max_len, name="draft")
+        return build_round(config, self.ctx.target, self.ctx.max_len, stages=[draft])[0]
 
 
 class Cascade(Native):
     """A cascade from :mod:`..config`; ``config`` is set by each subclass (the measured best of its kind)."""
 
     speculative = True
-    config = None
+    config: CascadeConfig | None = None
 
-    def make_round(self):
-        from ..config import build_round
-
-        config = self.ctx.cascades.get(self.name, self.config)
-        rnd, _ = build_round(config, self.ctx.target, self.ctx.tokenizer, self.ctx.max_len, cache=self.ctx.shared)
-        return rnd
+    def cascade(self) -> CascadeConfig | None:
+        return self.config
 
 
 class Default(Cascade):
     name = "default"
     description = "the default cascade for the target (what `cascade generate` runs with no options)"
 
-    def make_round(self):
-        from ..config import default_cascade
-
-        self.ctx.cascades.setdefault(self.name, default_cascade(self.ctx.target))
-        return super().make_round()
+    def cascade(self) -> CascadeConfig | None:
+        return default_cascade(self.ctx.target)
 
 
 class Custom(Cascade):
     name = "custom"
     description = "the cascade given with --cascade FILE"
+
+    def cascade(self) -> CascadeConfig | None:
+        return self.ctx.custom
 
 
 class Auto(Native):
@@ -273,22 +287,18 @@ class Auto(Native):
     description = "the configuration `cascade tune` picks on this machine (calibrated when the method starts)"
     speculative = True
 
-    def make_round(self):
-        from ..config import build_round
-        from ..cost.tune import tune
-
-        tok = self.ctx.tokenizer
+    def cascade(self) -> CascadeConfig | None:
         self.tuned = tune(
-            self.ctx.target, tok, self.ctx.calibration_prompts, max_len=self.ctx.max_len, context=self.ctx.context
+            self.ctx.target,
+            self.ctx.tokenizer,
+            self.ctx.calibration_prompts,
+            max_len=self.ctx.max_len,
+            context=self.ctx.context,
         )
-        if self.tuned.config is None:
-            return ChainRound()
-        return build_round(self.tuned.config, self.ctx.target, tok, self.ctx.max_len, cache=self.ctx.shared)[0]
+        return self.tuned.config
 
 
 def _cascade(name: str, description: str, **settings) -> type[Cascade]:
-    from ..config import CascadeConfig
-
     return type(
         name.title(),
         (Cascade,),

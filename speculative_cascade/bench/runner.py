@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -10,52 +9,23 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
+from ..config import CascadeConfig
+from ..cost.calibrate import measure_target_cost, profile_round
+from ..decoding import StopChecker, generate_tokens
+from ..engine import kernels
+from ..engine.loader import load_model
+from ..engine.transformer import Transformer
 from ..errors import CascadeError
+from ..prompts import encode as encode_prompt
+from ..prompts import held_out, load_prompts, read_prompts
+from ..sampling import SamplingParams
 from .methods import METHODS, BenchContext
 
 CALIBRATION_TOKENS = 48  # new tokens per calibration prompt
-DEFAULT_PROMPTS = Path("..") / "shared" / "data" / "spec_bench" / "question.jsonl"
-
-
-def default_prompt_file() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        p = (base / DEFAULT_PROMPTS).resolve()
-        if p.is_file():
-            return p
-    raise CascadeError("no default prompt file (../shared/data/spec_bench/question.jsonl); pass --prompts")
-
-
-def load_prompts(path: Path | None, per_category: int) -> list[dict]:
-    """Spec-Bench JSONL -> [{'id', 'category', 'prompt'}], the first turn of each line."""
-    path = Path(path) if path is not None else default_prompt_file()
-    if not path.is_file():
-        raise CascadeError(f"prompt file not found: {path}")
-    if per_category < 0:
-        raise CascadeError("--per-category must be >= 0")
-    rows, seen = [], defaultdict(int)
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                turns = obj["turns"]
-                prompt = turns[0] if isinstance(turns, list) else turns
-                if not isinstance(prompt, str):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                raise CascadeError(f"{path}:{n}: not a Spec-Bench line (needs 'turns': [text, ...])") from None
-            cat = obj.get("category", "all")
-            if per_category and seen[cat] >= per_category:
-                continue
-            seen[cat] += 1
-            rows.append({"id": obj.get("question_id", n), "category": cat, "prompt": prompt})
-    if not rows:
-        raise CascadeError(f"no prompts in {path}")
-    return rows
-
-
 def run_bench(
     *,
     prompts: Path | None,
@@ -73,15 +43,7 @@ def run_bench(
     predict: bool = True,
     sampling_check: int = 100,
 ) -> dict:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from ..engine.loader import load_model
-
     if cascade is not None:
-        from ..config import CascadeConfig
-
         cascade = CascadeConfig.from_file(cascade)
         if "custom" not in methods:
             methods = list(methods) + ["custom"]
@@ -115,16 +77,12 @@ def run_bench(
     )
     max_len = min(max_len, getattr(loaded.model, "max_position_embeddings", max_len))
     ctx = BenchContext(loaded, draft, k, max_len)
-    if cascade is not None:
-        ctx.cascades["custom"] = cascade
+    ctx.custom = cascade
+
+    use_chat = chat and bool(getattr(tok, "chat_template", None))
 
     def encode(text: str) -> list[int]:
-        if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            return tok.encode(text, add_special_tokens=False)
-        return tok.encode(text)
+        return encode_prompt(tok, text, use_chat)
 
     limit = max_len - max_new_tokens - k - 1
     for r in rows:
@@ -134,10 +92,8 @@ def run_bench(
     if skipped:
         console.print(f"skipping {len(skipped)} prompt(s) longer than {limit} tokens: {skipped}")
     if predict or "auto" in methods:
-        from ..distill import read_prompts
-
-        held_out = [ids for ids in map(encode, _held_out(prompts, rows)) if len(ids) <= limit]
-        ctx.calibration_prompts = held_out or [encode(t) for t in read_prompts(None)[:4]]
+        held = [ids for ids in map(encode, held_out(prompts, rows)) if len(ids) <= limit]
+        ctx.calibration_prompts = held or [encode(t) for t in read_prompts(None)[:4]]
         # the workload the predictions are for: the benchmark's mean context while decoding
         ctx.context = sum(len(r["ids"]) + max_new_tokens / 2 for r in rows) / len(rows)
     # 'ar' first: the others are compared with it.
@@ -149,11 +105,8 @@ def run_bench(
         for name in order:
             _reset_peak_rss()
             method = METHODS[name](ctx)
-            tuned = getattr(method, "tuned", None)
-            if tuned is not None:
-                ctx.cascades[name] = tuned.config
             method.run(encode("Hello"), 8)  # warm-up
-            if predict and hasattr(method, "round"):
+            if predict and method.round is not None:
                 task = progress.add_task(f"{name:6s} calibrating", total=None)
                 ctx.predicted[name] = _predict(ctx, method, max_new_tokens)
                 progress.remove_task(task)
@@ -163,7 +116,7 @@ def run_bench(
                 res = method.run(r["ids"], max_new_tokens)
                 results[name].append(res)
                 progress.advance(task)
-            if sampling_check and hasattr(method, "round") and name != "ar":
+            if sampling_check and method.round is not None and name != "ar":
                 task = progress.add_task(f"{name:6s} sampling", total=sampling_check)
                 checks[name] = _sampling_check(
                     ctx, method, encode(SAMPLING_PROMPT), sampling_check, lambda: progress.advance(task)
@@ -186,9 +139,6 @@ def run_bench(
 
 def _machine(target) -> dict:
     """The CPU, the kernel variant, the streaming read bandwidth, and the bound it puts on decoding."""
-    from ..engine import kernels
-    from ..engine.model import Transformer
-
     k = kernels.get()
     out = {"cpu": kernels.cpu_name(), "kernel": k.variant if k else "torch", "threads": torch.get_num_threads()}
     if k is not None:
@@ -250,17 +200,6 @@ def _perplexities(target, rows, results, order, advance) -> dict[str, float | No
     return {n: (math.exp(t / c) if c else None) for n, (t, c) in totals.items()}
 
 
-def _held_out(path, rows) -> list[str]:
-    """One prompt per category from the same file that the benchmark does not run."""
-    used = {r["id"] for r in rows}
-    seen, out = set(), []
-    for r in load_prompts(path, 0):
-        if r["id"] not in used and r["category"] not in seen:
-            seen.add(r["category"])
-            out.append(r["prompt"])
-    return out
-
-
 SAMPLING_PROMPT = "Name a colour."
 
 
@@ -289,22 +228,17 @@ def _sampling_check(ctx, method, prompt_ids: list[int], n: int, advance) -> dict
     ``n`` generations of 2 tokens: the first goes through one speculative round (draft,
     then the rejection test or the residual), so a broken verifier shows. Pearson's
     chi-square against the target's exact softmax, cells expected below 5 pooled."""
-    from ..decoding import StopChecker, generate_tokens
-    from ..sampling import SamplingParams
-
     target = ctx.target
     probs = torch.softmax(target(torch.tensor([prompt_ids]), target.new_cache(len(prompt_ids)))[0, -1].float(), -1)
     counts = torch.zeros_like(probs)
     for i in range(n):
         out, _ = generate_tokens(
-            target,
+            method.target_stage,
             prompt_ids,
             round=method.round,
             max_new_tokens=2,
             params=SamplingParams(temperature=1.0, seed=1000 + i),
             stop=StopChecker(()),
-            max_len=ctx.max_len,
-            target_stage=method.target_stage,
         )
         counts[out[0]] += 1
         advance()
@@ -325,11 +259,9 @@ def _sampling_check(ctx, method, prompt_ids: list[int], n: int, advance) -> dict
 def _predict(ctx, method, max_new_tokens: int) -> dict:
     """The cost model's prediction for a native method: its rounds profiled on the calibration
     prompts (never the benchmarked ones), predicted for the benchmark's context and length."""
-    from ..cost.calibrate import measure_target_cost, profile_round
-
     if ctx.target_cost is None:
         ctx.target_cost = measure_target_cost(method.target_stage, ctx.calibration_prompts, ctx.max_len)
-    tuned = getattr(method, "tuned", None)
+    tuned = method.tuned
     if tuned is not None:  # 'auto': the profile tune chose, at the k it chose
         profile, k = tuned.profile, (tuned.config.k[-1] if tuned.config is not None else 0)
     else:
@@ -340,7 +272,6 @@ def _predict(ctx, method, max_new_tokens: int) -> dict:
             ctx.calibration_prompts,
             ctx.target_cost,
             max_new_tokens=CALIBRATION_TOKENS,
-            max_len=ctx.max_len,
             eos=ctx.eos_ids(),
         )
         k = None
@@ -363,8 +294,7 @@ def _report(rows, results, order, loaded, ctx, max_new_tokens, chat) -> dict:
             "target": loaded.name,
             "draft": ctx.draft_spec or "none",
             "k": ctx.k,
-            "cascades": {n: METHODS[n].config.describe() for n in order if getattr(METHODS[n], "config", None)}
-            | {n: (c.describe() if c is not None else "autoregressive") for n, c in ctx.cascades.items()},
+            "cascades": {n: (c.describe() if c is not None else "autoregressive") for n, c in ctx.cascades.items()},
             "max_new_tokens": max_new_tokens,
             "chat_template": chat,
             "prompts": len(rows),

@@ -1,6 +1,6 @@
 """Analytical cost model of speculative cascades (``model.py``) and its calibration on the user's machine
 (``calibrate.py``)."""
 
-from .model import Acceptance, ForwardCost, predict_chain
+from .analytic import Acceptance, ForwardCost, predict_chain
 
 __all__ = ["Acceptance", "ForwardCost", "predict_chain"]

@@ -12,14 +12,18 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from ..cascade import Round, TreeRound
+from ..decoding import GenerationStats, StopChecker, generate_tokens
 from ..errors import CascadeError
-from .model import Acceptance, ForwardCost, generation_rate
+from ..stages.base import Reviewer
+from ..stages.neural import ModelStage
+from .analytic import Acceptance, ForwardCost, generation_rate
 
 
 def measure_forward_cost(
-    stage, context: list[int], ns=(1, 2, 3, 5, 9, 17), reps: int = 7, long_context: list[int] | None = None
+    stage: Reviewer, context: list[int], ns=(1, 2, 3, 5, 9, 17), reps: int = 7, long_context: list[int] | None = None
 ) -> ForwardCost:
-    """``t(n)`` of a :class:`~..stages.model.ModelStage` (or any stage with ``score``): the median of
+    """``t(n)`` of a :class:`~..stages.neural.ModelStage` (or any stage with ``score``): the median of
     ``reps`` forwards over ``n`` new tokens after ``context`` (cached once, rolled back each time).
     With ``long_context``, also measured after it: the difference per context token is the slope."""
 
@@ -44,7 +48,7 @@ def measure_forward_cost(
 
 
 def measure_target_cost(
-    target_stage, prompts: list[list[int]], max_len: int, short: int = 64, long: int = 768
+    target_stage: ModelStage, prompts: list[list[int]], max_len: int, short: int = 64, long: int = 768
 ) -> ForwardCost:
     """The target's ``t(n, L)`` for the cost model: ``n`` up to 17, at a ``short`` and a ``long`` context
     (token ids taken from the prompts; what they say does not change the cost)."""
@@ -111,79 +115,84 @@ class RoundProfile:
         }
 
 
+@dataclass
+class _Totals:
+    """Sums over the calibration generations of one configuration."""
+
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0  # decoding time outside drafting and verification
+    decode_s: float = 0.0
+    drafted: int = 0
+    rounds: int = 0
+    new_tokens: int = 0
+    context: float = 0.0  # sum over rounds of the context length
+    context_forwards: int = 0  # forwards of drafting stages that attend over the context
+    context_tokens: int = 0  # tokens fed to those forwards
+
+    def add(self, st: GenerationStats, prompt_len: int) -> None:
+        decode = st.total_s - st.prefill_s
+        self.draft_s += st.draft_s
+        self.verify_s += st.verify_s
+        self.other_s += decode - st.draft_s - st.verify_s
+        self.decode_s += decode
+        self.drafted += st.drafted
+        self.rounds += st.rounds
+        self.new_tokens += st.new_tokens
+        self.context += st.rounds * (prompt_len + st.new_tokens / 2)
+        for s in st.stages[:-1]:  # the drafting stages (the last is the target)
+            if s.attends:
+                self.context_forwards += s.forwards
+                self.context_tokens += s.tokens_in
+
+
 def profile_round(
     name: str,
-    rnd,
-    target_stage,
+    rnd: Round,
+    target_stage: ModelStage,
     prompts: list[list[int]],
     target_cost: ForwardCost,
     *,
     max_new_tokens: int = 48,
-    max_len: int = 2048,
     eos=(),
 ) -> RoundProfile:
     """Run ``rnd`` (a chain or tree round) on ``prompts`` and summarise its rounds.
 
     ``target_cost``: the target's standalone ``t(n, L)``; it is scaled so that it matches the
     verification time measured here."""
-    from ..decoding import StopChecker, generate_tokens
-
-    tree = not hasattr(rnd, "k")
-    k = rnd.n_nodes if tree else rnd.k
+    tree = isinstance(rnd, TreeRound)
+    k = rnd.k
     acc, dr, bud = [0] * k, [0] * k, [0] * k
-    totals = dict(draft=0.0, verify=0.0, other=0.0, drafted=0, rounds=0, new=0, decode=0.0, context=0.0)
-    cfw = ctok = 0
+    tot = _Totals()
     for ids in prompts:
-        _, st = generate_tokens(
-            target_stage.model,
-            ids,
-            round=rnd,
-            max_new_tokens=max_new_tokens,
-            stop=StopChecker(eos),
-            max_len=max_len,
-            target_stage=target_stage,
-        )
+        _, st = generate_tokens(target_stage, ids, round=rnd, max_new_tokens=max_new_tokens, stop=StopChecker(eos))
         for i in range(min(k, len(st.budgeted_by_position))):
             acc[i] += st.accepted_by_position[i]
             dr[i] += st.drafted_by_position[i]
             bud[i] += st.budgeted_by_position[i]
-        decode = st.total_s - st.prefill_s
-        totals["draft"] += st.draft_s
-        totals["verify"] += st.verify_s
-        totals["other"] += decode - st.draft_s - st.verify_s
-        totals["drafted"] += st.drafted
-        totals["rounds"] += st.rounds
-        totals["new"] += st.new_tokens
-        totals["decode"] += decode
-        totals["context"] += st.rounds * (len(ids) + st.new_tokens / 2)
-        for s in st.stages[:-1]:  # the drafting stages (the last is the target)
-            if s.attends:
-                cfw += s.forwards
-                ctok += s.tokens_in
-    rounds = totals["rounds"]
-    if not rounds or not totals["decode"]:
+        tot.add(st, len(ids))
+    if not tot.rounds or not tot.decode_s:
         raise CascadeError(f"calibration of {name} generated nothing")
-    context = totals["context"] / rounds
-    drafts = Acceptance.from_counts(dr, bud)
-    per_round_verify = totals["verify"] / rounds
-    mean_verified = totals["drafted"] / rounds + 1
+    context = tot.context / tot.rounds
+    per_round_verify = tot.verify_s / tot.rounds
+    mean_verified = tot.drafted / tot.rounds + 1
     # tree-masked forwards take another code path: their time per round is used as measured
     scale = 1.0 if tree else per_round_verify / max(target_cost(mean_verified, context), 1e-9)
-    unit = rounds if tree else max(totals["drafted"], 1)
+    unit = tot.rounds if tree else max(tot.drafted, 1)
     return RoundProfile(
         name=name,
         tree=tree,
         k=k,
         accept=Acceptance.from_counts(acc, bud),
-        drafts=drafts,
-        token_cost=totals["draft"] / max(totals["drafted"], 1),
-        draft_per_round=totals["draft"] / rounds,
+        drafts=Acceptance.from_counts(dr, bud),
+        token_cost=tot.draft_s / max(tot.drafted, 1),
+        draft_per_round=tot.draft_s / tot.rounds,
         verify_per_round=per_round_verify,
-        overhead=totals["other"] / rounds,
-        context_forwards=cfw / unit,
-        context_tokens=ctok / cfw if cfw else 1.0,
+        overhead=tot.other_s / tot.rounds,
+        context_forwards=tot.context_forwards / unit,
+        context_tokens=tot.context_tokens / tot.context_forwards if tot.context_forwards else 1.0,
         context=context,
-        new_tokens=totals["new"] / len(prompts),
-        measured_tokens_per_s=totals["new"] / totals["decode"],
+        new_tokens=tot.new_tokens / len(prompts),
+        measured_tokens_per_s=tot.new_tokens / tot.decode_s,
         target_cost=target_cost.scaled(scale),
     )

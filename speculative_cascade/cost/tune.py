@@ -14,11 +14,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..cascade import ChainRound
-from ..config import CascadeConfig, build_round
+from ..builder import build_round
+from ..config import CascadeConfig
+from ..decoding import StopChecker, eos_ids
 from ..errors import CascadeError
+from ..stages.neural import ModelStage
+from .analytic import ForwardCost
 from .calibrate import RoundProfile, measure_target_cost, profile_round
-from .model import ForwardCost
 
 CALIBRATION_K = 12
 K_RANGE = range(2, 17)
@@ -98,9 +100,6 @@ def tune(
 ) -> TuneResult:
     """Calibrate and search; ``prompts`` are token ids (a handful is enough). ``context`` and
     ``new_tokens``: the workload to predict for (default: the calibration prompts')."""
-    from ..decoding import StopChecker, eos_ids
-    from ..stages.model import ModelStage
-
     if not prompts:
         raise CascadeError("tune needs at least one calibration prompt")
     t0 = time.perf_counter()
@@ -111,14 +110,8 @@ def tune(
         progress("target forward costs")
     eos = StopChecker(eos_ids(target, tokenizer)).eos
     ar = profile_round(
-        "autoregressive",
-        ChainRound(),
-        target_stage,
-        prompts,
-        target_cost,
-        max_new_tokens=max_new_tokens,
-        max_len=max_len,
-        eos=eos,
+        "autoregressive", build_round(None, target, max_len)[0], target_stage, prompts, target_cost,
+        max_new_tokens=max_new_tokens, eos=eos,
     )
     if progress:
         progress("autoregressive")
@@ -129,10 +122,8 @@ def tune(
             plans.append((f"mag->{d}", {"stages": ["mag:none", d], "k": [3, CALIBRATION_K], "mag_min_ngram": 2}))
     candidates = []
     for name, settings in plans:
-        rnd, _ = build_round(CascadeConfig.from_dict(settings), target, tokenizer, max_len, cache=shared)
-        profile = profile_round(
-            name, rnd, target_stage, prompts, target_cost, max_new_tokens=max_new_tokens, max_len=max_len, eos=eos
-        )
+        rnd, _ = build_round(CascadeConfig.from_dict(settings), target, max_len, shared=shared)
+        profile = profile_round(name, rnd, target_stage, prompts, target_cost, max_new_tokens=max_new_tokens, eos=eos)
         candidates.append(Candidate(name, settings, profile))
         if progress:
             progress(name)

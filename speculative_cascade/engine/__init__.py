@@ -2,7 +2,7 @@
 
 from .kv_cache import KVCache
 from .loader import LoadedModel, load_model
-from .model import ModelArgs, Transformer
+from .transformer import ModelArgs, Transformer
 from .quant import quantize_int8
 
 __all__ = ["KVCache", "LoadedModel", "ModelArgs", "Transformer", "load_model", "quantize_int8"]

@@ -35,7 +35,7 @@ import torch
 from ..errors import CascadeError
 from .hf_fallback import HFCausalLM
 from .formats import from_gguf
-from .model import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
+from .transformer import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
 from .tokenizer import FastTokenizer
 
 PRECISIONS = ("stored", "fp32")
@@ -253,6 +253,32 @@ def load_model(
     return LoadedModel(model, tokenizer, name, str(where), use_native, time.perf_counter() - t0, precision, source)
 
 
+def as_model(obj, *, progress: bool = True, precision: str = "stored") -> tuple[torch.nn.Module, object | None]:
+    """Turn a spec (str/path/None), a LoadedModel, a native model or a transformers model
+    into ``(model with the native interface, tokenizer or None)``."""
+    if isinstance(obj, Path):
+        obj = str(obj)
+    if obj is None or isinstance(obj, str):
+        lm = load_model(obj, progress=progress, precision=precision)
+        return lm.model, lm.tokenizer
+    if isinstance(obj, LoadedModel):
+        return obj.model, obj.tokenizer
+    if isinstance(obj, (Transformer, HFCausalLM)):
+        return obj, None
+    config = getattr(obj, "config", None)
+    if config is not None and hasattr(obj, "state_dict"):  # a transformers PreTrainedModel
+        if getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES:
+            try:
+                args = ModelArgs.from_hf_config(config)
+            except ValueError:
+                return HFCausalLM(obj), None
+            model = Transformer(args)
+            model.load_hf_state_dict(obj.state_dict(), precision=precision)
+            return model.eval(), None
+        return HFCausalLM(obj), None
+    raise CascadeError(f"cannot use {type(obj).__name__} as a model")
+
+
 def _native(args: ModelArgs, sd: dict, precision: str, spec) -> Transformer:
     model = Transformer(args)
     try:
@@ -320,7 +346,7 @@ def gguf_state_dict(reader, config: dict) -> dict:
 
     llama.cpp stores a llama model's q and k rows in interleaved RoPE order; they are put back
     in Hugging Face order here (an exact row permutation; the model permutes them again)."""
-    from .model import rope_row_order
+    from .transformer import rope_row_order
 
     sd: dict = {}
     for t in reader.tensors:

@@ -1,6 +1,6 @@
 """INT8 weight-only quantization for drafts.
 
-Every :class:`~speculative_cascade.engine.model.Linear` of a native model (the output
+Every :class:`~speculative_cascade.engine.transformer.Linear` of a native model (the output
 projection included) is replaced by :class:`Int8Linear`: per-output-channel scales
 ``s = max|W_row| / 127`` and ``W_int8 = round(W / s)`` (the seed paper's equation 2).
 Activations stay fp32: ``y = (x @ W_int8.T) * s``.
@@ -22,7 +22,7 @@ import copy
 import torch
 
 from .formats import PackedWeight
-from .model import Linear, Transformer
+from .transformer import Linear, Transformer
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

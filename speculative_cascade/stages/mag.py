@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-
 from ..errors import CascadeError
-from .base import StageStats
+from .base import Drafter, Stage
 
 
 class BigramTable:
@@ -54,10 +53,8 @@ class BigramTable:
             raise CascadeError(f"{path}: not a bigram table ({e})") from e
 
 
-class MaG:
+class MaG(Stage):
     """Deterministic drafter: suffix match in the prompt, then in the generated text, then bigrams."""
-
-    deterministic = True
 
     def __init__(
         self,
@@ -74,22 +71,15 @@ class MaG:
             )
         if not 1 <= min_ngram <= max_ngram:
             raise CascadeError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        super().__init__(name)
         self.vocab_size = vocab_size
         self.bigram = bigram
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.name = name
-        self.stats = StageStats(name)
         self.prompt_len: int | None = None
 
     def reset(self) -> None:
+        super().reset()
         self.prompt_len = None
-        self.stats = StageStats(self.name)
-
-    def commit(self, n_committed: int) -> None:
-        pass
-
-    def feedback(self, n_accepted: int) -> None:
-        self.stats.accepted += n_accepted
 
     def _match(self, arr: np.ndarray, end: int, k: int) -> list[int]:
         """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it.
@@ -123,8 +113,6 @@ class MaG:
             if not cont:
                 break
             out.extend(cont)
-        st = self.stats
-        st.forwards += 1
-        st.proposed += len(out)
-        st.seconds += time.perf_counter() - t0
+        self.count_call(0, time.perf_counter() - t0)
+        self.count_proposed(len(out))
         return out, None

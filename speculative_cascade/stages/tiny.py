@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.formats import Format, PackedWeight
-from ..engine.model import Linear
+from ..engine.transformer import Linear
 from ..engine.quant import int8_weight
 from ..errors import CascadeError
 from ..sampling import sample, warp
-from .base import StageStats
+from .base import Reviewer, Stage, TreeDrafter
 
 HIDDEN = 256
 FORMAT = "speculative_cascade.tiny/1"
@@ -144,35 +144,23 @@ def _int8_head(w_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -
     return Linear.from_packed(packed, bias)
 
 
-class TinyStage:
+class TinyStage(Stage, Reviewer, TreeDrafter):
     """The tiny projection model as a drafter (chain or tree) and as a (context-free) reviewer."""
 
     def __init__(self, model: TinyProjection, name: str = "tiny") -> None:
+        super().__init__(name)
         self.model = model.eval()
-        self.name = name
-        self.stats = StageStats(name)
         self._greedy: dict[int, int] = {}  # token -> argmax of the tiny model after it
 
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
-    def reset(self) -> None:
-        self.stats = StageStats(self.name)
-
-    def commit(self, n_committed: int) -> None:
-        pass
-
-    def feedback(self, n_accepted: int) -> None:
-        self.stats.accepted += n_accepted
-
     @torch.inference_mode()
     def logits(self, tokens: list[int]) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.model(torch.tensor(tokens, dtype=torch.long))
-        self.stats.forwards += 1
-        self.stats.tokens_in += len(tokens)
-        self.stats.seconds += time.perf_counter() - t0
+        self.count_call(len(tokens), time.perf_counter() - t0)
         return out
 
     def score(self, ids: list[int], draft: list[int]) -> torch.Tensor:
@@ -185,7 +173,7 @@ class TinyStage:
         return nxt
 
     def propose(self, ids, k, params, generator):
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), self.stats.seconds
         tokens: list[int] = []
         qs = []
         last = ids[-1]
@@ -197,9 +185,9 @@ class TinyStage:
                 last = sample(q, generator)
                 qs.append(q)
             tokens.append(last)
-        self.stats.proposed += len(tokens)
-        if params.greedy:
-            self.stats.seconds += time.perf_counter() - t0  # lookups; forwards time themselves
+        self.count_proposed(len(tokens))
+        if params.greedy:  # the lookups' time; forwards counted their own
+            self.count_call(0, time.perf_counter() - t0 - (self.stats.seconds - before), forwards=0)
         return tokens, (torch.stack(qs) if qs else None)
 
     @torch.inference_mode()
@@ -223,5 +211,5 @@ class TinyStage:
                 frontier.append((len(tokens), t, lp))
                 tokens.append(t)
                 parents.append(node)
-        self.stats.proposed += len(tokens)
+        self.count_proposed(len(tokens))
         return tokens, parents

@@ -1,7 +1,7 @@
 """The seed README's API: ``TinyModel``, ``DraftModel``, ``TargetModel`` and ``CascadeInference``.
 
     from speculative_cascade import CascadeInference
-    from speculative_cascade.models import TinyModel, DraftModel, TargetModel
+    from speculative_cascade.seed.inference import TinyModel, DraftModel, TargetModel
 
     target = TargetModel.from_pretrained("default")             # embedded SmolLM2-135M-Instruct
     draft = DraftModel.from_pretrained("default", quantize_int8=True)
@@ -17,7 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CascadeError
+from ..builder import SHIPPED_TINY, build_round
+from ..config import CascadeConfig
+from ..engine.loader import load_model
+from ..engine.quant import quantize_int8 as q8
+from ..engine.transformer import Transformer
+from ..errors import CascadeError
+from ..generator import SpeculativeGenerator
+from ..stages.base import Stage
+from ..stages.neural import ModelStage
+from ..stages.tiny import TinyProjection, TinyStage
 
 
 @dataclass
@@ -28,8 +37,6 @@ class TargetModel:
 
     @classmethod
     def from_pretrained(cls, name: str = "default", *, progress: bool = True) -> "TargetModel":
-        from .engine.loader import load_model
-
         lm = load_model(name, progress=progress)
         return cls(lm.model, lm.tokenizer, lm.name)
 
@@ -41,9 +48,6 @@ class DraftModel:
 
     @classmethod
     def from_pretrained(cls, name: str = "default", *, quantize_int8: bool = False, progress: bool = True):
-        from .engine.loader import load_model
-        from .engine.quant import quantize_int8 as q8
-
         lm = load_model(name, progress=progress)
         model = lm.model
         if quantize_int8:
@@ -62,8 +66,6 @@ class TinyModel:
 
     @classmethod
     def from_pretrained(cls, name: str = "default") -> "TinyModel":
-        from .config import SHIPPED_TINY
-
         path = SHIPPED_TINY if name in (None, "", "default") else Path(name)
         if not path.is_file():
             raise CascadeError(f"tiny model not found: {path}")
@@ -93,11 +95,6 @@ class CascadeInference:
         tree_width: int = 4,
         max_len: int = 2048,
     ) -> None:
-        from .cascade import ChainRound, TreeRound, build_csd
-        from .generator import SpeculativeGenerator
-        from .stages.model import ModelStage
-        from .stages.tiny import TinyProjection, TinyStage
-
         if speculation_horizon < 1 or tiny_k < 1:
             raise CascadeError("speculation_horizon and tiny_k must be >= 1")
         if mode not in ("chain", "tree"):
@@ -105,31 +102,29 @@ class CascadeInference:
         target_model = target_model or TargetModel.from_pretrained()
         self._gen = SpeculativeGenerator(target_model.model, None, target_model.tokenizer, max_len=max_len)
         target = self._gen.target
-        stages = []
+        stages: list[Stage] = []
         if tiny_model is not None:
-            emb = getattr(getattr(target, "tok_embeddings", None), "weight", None)
-            if emb is None:
+            if not isinstance(target, Transformer):
                 raise CascadeError("the tiny model needs a native target")
-            stages.append(TinyStage(TinyProjection.load(tiny_model.path, emb)))
+            stages.append(TinyStage(TinyProjection.load(tiny_model.path, target.tok_embeddings.weight)))
         if draft_model is not None:
             if draft_model.model.vocab_size != target.vocab_size:
                 raise CascadeError(
                     f"vocabulary mismatch: draft has {draft_model.model.vocab_size} tokens, target {target.vocab_size}"
                 )
             stages.append(ModelStage(draft_model.model, self._gen.max_len, name="draft"))
+        names = tuple(s.name for s in stages)
         if not stages:
-            self._round = None
+            config = None
         elif mode == "tree":
             if tiny_model is None:
                 raise CascadeError("tree mode needs a tiny model to propose the tree")
-            filt = stages[1] if len(stages) > 1 else None
-            self._round = TreeRound(stages[0], filt, n_nodes=tree_nodes, width=tree_width, keep=speculation_horizon)
+            config = CascadeConfig(
+                stages=names, mode="tree", tree_nodes=tree_nodes, tree_width=tree_width, tree_keep=speculation_horizon
+            )
         else:
-            ks = [tiny_k, speculation_horizon][-len(stages) :]
-            n = len(stages)
-            km = [[ks[n - 1 - i] if j == i else 0 for j in range(n)] for i in range(n)]
-            drafter, k = build_csd(list(reversed(stages)), km)
-            self._round = ChainRound(drafter, k)
+            config = CascadeConfig(stages=names, k=(tiny_k, speculation_horizon)[-len(stages) :])
+        self._round = build_round(config, target, self._gen.max_len, stages=stages)[0] if stages else None
         self._gen.set_round(self._round)
 
     @property

@@ -12,8 +12,9 @@ import time
 
 import torch
 
+from ..engine.kv_cache import KVCache
 from ..sampling import sample, warp
-from .base import StageStats
+from .base import Reviewer, Stage, TreeScorer
 
 
 class ModelRunner:
@@ -106,14 +107,14 @@ class ModelRunner:
         del self.seq[length:]
 
 
-class ModelStage:
+class ModelStage(Stage, Reviewer, TreeScorer):
     """A neural model (native or transformers) used as a drafter, a reviewer or the target."""
 
+    attends = True
+
     def __init__(self, model, max_len: int, name: str = "model") -> None:
+        super().__init__(name)
         self.runner = ModelRunner(model, max_len)
-        self.name = name
-        self.stats = StageStats(name, attends=True)
-        self._last = 0
 
     @property
     def model(self):
@@ -123,19 +124,24 @@ class ModelStage:
     def vocab_size(self) -> int:
         return self.runner.model.vocab_size
 
+    @property
+    def max_len(self) -> int:
+        return self.runner.cache.max_seq_len
+
     def reset(self) -> None:
+        super().reset()
         self.runner.reset()
-        self.stats = StageStats(self.name, attends=True)
 
     def _forward(self, ids, extra=(), last_only=False) -> torch.Tensor:
         t0 = time.perf_counter()
         before = self.runner.length
         logits = self.runner.forward(ids, extra, last_only=last_only)
-        st = self.stats
-        st.forwards += 1
-        st.tokens_in += len(ids) + len(extra) - min(before, len(ids) + len(extra) - 1)
-        st.seconds += time.perf_counter() - t0
+        self.count_call(len(ids) + len(extra) - min(before, len(ids) + len(extra) - 1), time.perf_counter() - t0)
         return logits
+
+    def prefill(self, ids: list[int]) -> None:
+        """Feed ``ids`` into the cache (no logits kept beyond the last row); not counted as a forward."""
+        self.runner.forward(ids, last_only=True)
 
     def score(self, ids: list[int], draft: list[int]) -> torch.Tensor:
         """Logits (len(draft) + 1, V): the model's next-token scores after ids[-1] and after each draft token."""
@@ -145,9 +151,7 @@ class ModelStage:
         t0 = time.perf_counter()
         before = self.runner.length
         logits = self.runner.forward_tree(ids, tokens, parents)
-        self.stats.forwards += 1
-        self.stats.tokens_in += len(ids) - min(before, len(ids) - 1) + len(tokens)
-        self.stats.seconds += time.perf_counter() - t0
+        self.count_call(len(ids) - min(before, len(ids) - 1) + len(tokens), time.perf_counter() - t0)
         return logits
 
     def keep_path(self, ids: list[int], path: list[int], tokens: list[int]) -> None:
@@ -168,26 +172,23 @@ class ModelStage:
             tokens.append(tok)
             if i < k - 1:
                 logits = self._forward(ids + tokens, last_only=True)[-1]  # feeds just `tok`
-        self._last = len(tokens)
-        self.stats.proposed += len(tokens)
+        self.count_proposed(len(tokens))
         return tokens, (torch.stack(qs) if qs else None)
-
-    def feedback(self, n_accepted: int) -> None:
-        self.stats.accepted += n_accepted
 
     def commit(self, n_committed: int) -> None:
         self.runner.truncate(n_committed)
 
-    def share_prefix(self, target, n: int) -> bool:
+    def share_prefix(self, target: Reviewer, n: int) -> bool:
         """Start from the target's KV cache for the first ``n`` positions instead of a prefill.
 
         Possible when the draft has the target's shape (an INT8 copy of it); the draft then
         works on slightly better keys/values than its own, and the prompt is prefilled
         once instead of twice. Verification by the target keeps the output lossless.
         """
-        theirs_runner = getattr(target, "runner", target)
-        mine, theirs = self.runner.cache, theirs_runner.cache
-        if not (hasattr(mine, "k") and hasattr(theirs, "k")):
+        if not isinstance(target, ModelStage):
+            return False
+        mine, theirs = self.runner.cache, target.runner.cache
+        if not (isinstance(mine, KVCache) and isinstance(theirs, KVCache)):
             return False
         if (
             mine.k.shape[:3] != theirs.k.shape[:3]
@@ -200,5 +201,5 @@ class ModelStage:
         mine.k[:, :, :, :n] = theirs.k[:, :, :, :n]
         mine.v[:, :, :, :n] = theirs.v[:, :, :, :n]
         mine.seqlens = [n] * mine.batch_size
-        self.runner.seq = list(theirs_runner.seq[:n])
+        self.runner.seq = list(target.runner.seq[:n])
         return True

@@ -1,6 +1,6 @@
 """Cascade Speculative Drafting's entry point, with its signature (seed 004)::
 
-    from speculative_cascade.csd import csd, get_mag_model
+    from speculative_cascade.seed.csd import csd, get_mag_model
     draft_list = [draft_model, get_mag_model(bigram_path, vocab_size)]   # largest first, MaG last
     res = csd(draft_list, target_model, initial_input, input_ids, k_matrix=[[13, 10], [0, 10]], max_length=200)
 
@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from .cascade import ChainRound, build_csd
-from .decoding import StopChecker, generate_tokens
-from .errors import CascadeError
-from .sampling import SamplingParams
-from .stages.mag import BigramTable, MaG
-from .stages.model import ModelStage
+from ..builder import build_round
+from ..cascade import check_k_matrix
+from ..config import CascadeConfig
+from ..decoding import StopChecker, generate_tokens
+from ..engine.loader import as_model
+from ..errors import CascadeError
+from ..sampling import SamplingParams
+from ..stages.base import Stage
+from ..stages.mag import BigramTable, MaG
+from ..stages.neural import ModelStage
 
 
 def get_mag_model(bigram_path: str | None, vocab_size: int) -> MaG:
@@ -26,13 +30,11 @@ def get_mag_model(bigram_path: str | None, vocab_size: int) -> MaG:
     return MaG(vocab_size, BigramTable.load(bigram_path) if bigram_path else None)
 
 
-def _as_stage(obj, max_len: int, name: str):
-    if hasattr(obj, "propose"):
+def _as_stage(obj, max_len: int, name: str) -> Stage:
+    """A drafter of CSD's ``draft_list``: a stage (MaG), a model, or a seed ``DraftModel`` holding one."""
+    if isinstance(obj, Stage):
         return obj
-    model = getattr(obj, "model", obj)
-    from .generator import as_model
-
-    model, _ = as_model(model)
+    model, _ = as_model(getattr(obj, "model", obj))
     return ModelStage(model, max_len, name=name)
 
 
@@ -60,19 +62,24 @@ def csd(
         if len(ids) != 1:
             raise CascadeError("csd generates for one sequence at a time (batch size 1)")
         ids = ids[0]
-    from .generator import as_model
-
     target, _ = as_model(getattr(target_model, "model", target_model))
+    if not draft_list:
+        raise CascadeError("the cascade needs at least one drafter")
     drafters = [_as_stage(d, max_len, f"draft{i}") for i, d in enumerate(draft_list)]
-    drafter, k = build_csd(drafters, k_matrix, lenience=lenience)
+    matrix = check_k_matrix(k_matrix, len(drafters))
+    config = CascadeConfig(  # stages smallest first; CSD's draft_list is largest first
+        stages=tuple(d.name for d in reversed(drafters)),
+        k_matrix=tuple(tuple(row) for row in matrix),
+        lenience=lenience,
+    )
+    rnd, _ = build_round(config, target, max_len, stages=list(reversed(drafters)))
     out, stats = generate_tokens(
-        target,
+        ModelStage(target, max_len, name="target"),
         ids,
-        round=ChainRound(drafter, k),
+        round=rnd,
         max_new_tokens=max_length,
         params=SamplingParams(temperature=temperature, seed=seed),
         stop=StopChecker(getattr(target, "eos_token_ids", ())),
-        max_len=max_len,
     )
     csd.last_stats = stats
     return torch.tensor([ids + out])

@@ -1,7 +1,7 @@
 """The seed README's benchmark entry points, as aliases of ``cascade bench``::
 
-python -m speculative_cascade.benchmarks.run_benchmarks --output results/
-python -m speculative_cascade.benchmarks.compare_methods --methods cascade,standard --sequences 26
+python -m speculative_cascade.seed.run_benchmarks --output results/
+python -m speculative_cascade.seed.compare_methods --methods cascade,standard --sequences 26
 """
 
 from __future__ import annotations
