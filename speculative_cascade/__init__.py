@@ -14,6 +14,8 @@ Imports are lazy so that ``import speculative_cascade`` stays cheap.
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -37,7 +39,5 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

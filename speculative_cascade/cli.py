@@ -13,10 +13,13 @@ _START = time.perf_counter()  # process start, near enough: this module is impor
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 
 from .config import TWO_STAGE_K, CascadeConfig, load_cascade, parse_k, parse_k_matrix  # noqa: E402
 from .prompts import read_prompts  # noqa: E402
@@ -181,7 +184,7 @@ def generate(
     """Generate text, streaming it as it is accepted, then a one-line summary.
 
     With no cascade options the embedded model runs the fastest cascade measured for it."""
-    from .generator import SpeculativeGenerator  # heavy (torch): loaded when the command runs
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
 
     try:
         config, draft_model, draft_k = _plan(
@@ -235,8 +238,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Describe the machine's kernels and the loaded models: architecture, parameters, bytes, format."""
-    from .engine import kernels
-    from .generator import SpeculativeGenerator
+    from .engine import kernels  # heavy (torch): imported when the command runs
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
 
     try:
         gen = SpeculativeGenerator(target, _draft_arg(draft), precision=precision)
@@ -262,7 +265,7 @@ def info(
 
 
 def describe(model) -> dict:
-    from .engine.transformer import Transformer
+    from .engine.transformer import Transformer  # heavy (torch): imported when the command runs
 
     native = isinstance(model, Transformer)
     return {
@@ -301,8 +304,8 @@ def bench(
     list_methods: bool = typer.Option(False, "--list-methods", help="List the methods and exit."),
 ) -> None:
     """Benchmark methods on Spec-Bench prompts: tokens/s, acceptance, greedy identity with 'ar'."""
-    from .bench.methods import METHODS
-    from .bench.runner import run_bench
+    from .bench.methods import METHODS  # heavy (torch): imported when the command runs
+    from .bench.runner import run_bench  # heavy (torch): imported when the command runs
 
     if list_methods:
         for name, cls in METHODS.items():
@@ -333,7 +336,7 @@ def bench(
             _fail(f"cannot write {json_path}: {e.strerror}")
         typer.echo(f"report written to {json_path}", err=True)
     if report_dir is not None:
-        from .bench.report import write
+        from .bench.report import write  # matplotlib, for the plots: imported when a report is asked for
 
         with _user_errors(report_dir):
             files = write(report, report_dir)
@@ -352,9 +355,8 @@ def tune(
     precision: str = typer.Option("stored", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Measure this machine, predict every configuration with the cost model, write the fastest."""
-    from . import distill as D
-    from .cost.tune import tune as run_tune
-    from .generator import SpeculativeGenerator
+    from .cost.tune import tune as run_tune  # heavy (torch): imported when the command runs
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
 
     with _user_errors(out):
         gen = SpeculativeGenerator(target, None, precision=precision)
@@ -398,8 +400,6 @@ class console_status:
     """A spinner with the current step on stderr (rich), as a context manager yielding ``step(text)``."""
 
     def __init__(self, title: str) -> None:
-        from rich.console import Console
-
         self.status = Console(stderr=True).status(title)
 
     def __enter__(self):
@@ -427,12 +427,10 @@ def distill(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --work-dir."),
 ) -> None:
     """Train the tiny projection model by distillation (and MaG's bigram table) for a target."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from . import distill as D
-    from .generator import SpeculativeGenerator
-    from .stages.mag import BigramTable
-    from .stages.tiny import TinyProjection
+    from . import distill as D  # heavy (torch): imported when the command runs
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
+    from .stages.mag import BigramTable  # heavy (torch): imported when the command runs
+    from .stages.tiny import TinyProjection  # heavy (torch): imported when the command runs
 
     if teacher not in ("target", "int8"):
         _fail(f"--teacher must be 'target' or 'int8', got {teacher!r}")
@@ -484,8 +482,6 @@ def distill(
 
 
 def main() -> None:
-    import warnings
-
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     command = typer.main.get_command(app)
     try:

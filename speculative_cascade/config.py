@@ -27,10 +27,18 @@ file, a model directory, a hub id) used as a neural draft.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import yaml
+
 from .errors import CascadeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, as a package, before Python 3.11
+    import tomli as tomllib
 
 MODES = ("chain", "tree")
 TWO_STAGE_K = 8  # draft tokens per round when one draft model drafts for the target (--draft)
@@ -146,17 +154,10 @@ def read_settings(path: str | Path) -> dict:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            try:  # standard library from Python 3.11; the tomli package before
-                import tomllib
-            except ModuleNotFoundError:
-                import tomli as tomllib
-
             data = tomllib.loads(text)
     except Exception as e:  # each parser has its own error type
         raise CascadeError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from e

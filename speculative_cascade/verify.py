@@ -104,6 +104,15 @@ def verify_tree_greedy(tokens: list[int], parents: list[int], logits: torch.Tens
         node = nxt
 
 
+def residual_after_rejection(r: torch.Tensor, x: int) -> torch.Tensor | None:
+    """The residual of ``r`` after a one-hot drafter's token ``x`` was rejected: ``r`` without ``x``,
+    renormalized; None when no mass is left (a probability-zero event)."""
+    r = r.clone()
+    r[x] = 0.0
+    total = r.sum()
+    return r / total if total > 0 else None
+
+
 def verify_tree_sampling(
     tokens: list[int], parents: list[int], p: torch.Tensor, generator: torch.Generator | None
 ) -> tuple[list[int], int]:
@@ -126,13 +135,11 @@ def verify_tree_sampling(
             if float(torch.rand(1, generator=generator)) < float(r[x]):
                 accepted = c
                 break
-            r = r.clone()
-            r[x] = 0.0
-            total = r.sum()
-            if total <= 0:  # all mass was on rejected tokens (probability zero event)
+            rest = residual_after_rejection(r, x)
+            if rest is None:  # all mass was on rejected tokens (probability zero event)
                 r = p[node + 1]
                 break
-            r = r / total
+            r = rest
         if accepted is None:
             return path, sample(r, generator)
         path.append(accepted)

@@ -278,7 +278,8 @@ def tree_first_token_counts(p, tokens, parents, trials, seed=0):
 
 
 def test_tree_verification_distribution_and_broken_residual(monkeypatch):
-    """Three candidates under the root: the first token follows p; dropping the residual update fails."""
+    """Three candidates under the root: the first token follows p; the same verifier with its residual
+    update dropped (each candidate tried against p itself) fails the test."""
     Vs = 8
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(5, Vs, generator=g) * 2, -1)
@@ -286,13 +287,7 @@ def test_tree_verification_distribution_and_broken_residual(monkeypatch):
     counts = tree_first_token_counts(p, tokens, parents, 20000)
     assert chi2_pvalue(counts, p[0].numpy()) > ALPHA
 
-    def broken(tokens, parents, p, generator):  # tries the candidates against p without the residual update
-        for c, par in enumerate(parents):
-            if par == -1 and float(torch.rand(1, generator=generator)) < float(p[0, tokens[c]]):
-                return [c], 0
-        return [], verify_mod.sample(p[0], generator)
-
-    monkeypatch.setattr(verify_mod, "verify_tree_sampling", broken)
+    monkeypatch.setattr(verify_mod, "residual_after_rejection", lambda r, x: r)
     counts = tree_first_token_counts(p, tokens, parents, 20000)
     assert chi2_pvalue(counts, p[0].numpy()) < ALPHA
 

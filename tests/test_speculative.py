@@ -164,13 +164,16 @@ def exact_joint(target, prompt, vocab):
     return joint.flatten().numpy()
 
 
-def test_end_to_end_sampling_matches_target_joint():
-    """Two sampled tokens from real (tiny) models: their joint law is the target's."""
+@pytest.mark.parametrize("residual", ["exact", "dropped"])
+def test_end_to_end_sampling_matches_target_joint(residual, monkeypatch):
+    """Two sampled tokens from real (tiny) models: their joint law is the target's; with the residual
+    after a rejection replaced by p itself (a classic bug), the same run fails the test."""
     V = 12
     target = tiny_native(seed=30, vocab=V)
     draft = tiny_native(seed=31, vocab=V, layers=1)
     prompt = [1, 2, 3]
-    params = SamplingParams(temperature=1.0)
+    if residual == "dropped":
+        monkeypatch.setattr(verify_mod, "residual_distribution", lambda p, q: p)
     counts = np.zeros(V * V)
     drafter = ModelStage(draft, 16)
     for s in range(6000):
@@ -185,8 +188,8 @@ def test_end_to_end_sampling_matches_target_joint():
             max_len=16,
         )
         counts[out[0] * V + out[1]] += 1
-    assert params.temperature == 1.0
-    assert chi2_pvalue(counts, exact_joint(target, prompt, V)) > ALPHA
+    p_value = chi2_pvalue(counts, exact_joint(target, prompt, V))
+    assert p_value > ALPHA if residual == "exact" else p_value < ALPHA
 
 
 def test_top_k_top_p_sampling_is_lossless():

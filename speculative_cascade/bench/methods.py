@@ -3,7 +3,9 @@ add one by subclassing :class:`Method` and registering it in ``METHODS``."""
 
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +90,7 @@ class HFGenerate(Method):
 
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
-        from pathlib import Path
-
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # slow to import; only the hf methods need it
 
         src = Path(ctx.loaded.source or ctx.loaded.path)
         if src.suffix == ".gguf":  # transformers dequantizes the file itself
@@ -136,9 +136,7 @@ class HFAssisted(HFGenerate):
 
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
-        import copy
-
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import quantize_dynamic  # a deprecated API, imported where it is used
 
         self.assistant = quantize_dynamic(copy.deepcopy(self.model), {torch.nn.Linear}, dtype=torch.qint8)
 
@@ -165,14 +163,14 @@ class LlamaCpp(Method):
     def __init__(self, ctx: BenchContext) -> None:
         super().__init__(ctx)
         self.check()
-        from llama_cpp import Llama
+        from llama_cpp import Llama  # optional extra (.[llamacpp])
 
         src = ctx.loaded.source
         if not src.endswith(".gguf"):
             raise CascadeError(f"method {self.name} needs a GGUF target, not {src}")
         kw = {}
         if self.lookup:
-            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # optional extra
 
             # a draft model needs the logits of every evaluated position
             kw.update(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=self.lookup), logits_all=True)
@@ -367,14 +365,3 @@ METHODS: dict[str, type[Method]] = {
         Auto,
     )
 }
-
-# Table 3 rows: (variant, method)
-ABLATION = (
-    ("Full cascade (tiny -> INT8 -> target)", "full"),
-    ("No tiny model (INT8 -> target)", "spec"),
-    ("No INT8 quant (tiny -> fp32 draft -> target)", "no-int8"),
-    ("Single stage (target alone)", "ar"),
-    ("Tiny only (tiny -> target)", "tiny-only"),
-    ("Draft only (INT8 -> target)", "spec"),
-    ("Vertical cascade (MaG -> INT8 -> target)", "chain"),
-)

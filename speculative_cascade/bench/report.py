@@ -6,9 +6,23 @@ memory, quality), the throughput breakdown by stage, and tokens/s by Spec-Bench 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import CascadeError
+
+# The seed paper's Table 3 (ablation): (variant, method). The full cascade tiny -> INT8 -> target,
+# and what is left without each part; 'No tiny model' and 'Draft only' are both `spec`.
+ABLATION = (
+    ("Full cascade (tiny -> INT8 -> target)", "full"),
+    ("No tiny model (INT8 -> target)", "spec"),
+    ("No INT8 quant (tiny -> fp32 draft -> target)", "no-int8"),
+    ("Single stage (target alone)", "ar"),
+    ("Tiny only (tiny -> target)", "tiny-only"),
+    ("Draft only (INT8 -> target)", "spec"),
+    ("Vertical cascade (MaG -> INT8 -> target)", "chain"),
+)
+
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -111,8 +125,6 @@ def _prediction_table(methods: dict) -> list[str]:
 
 
 def _ablation_table(methods: dict) -> list[str]:
-    from .methods import ABLATION
-
     rows = [(v, n, methods[n]) for v, n in ABLATION if n in methods]
     if len(rows) < 2:
         return []
@@ -137,10 +149,10 @@ def _ablation_table(methods: dict) -> list[str]:
 def plots(report: dict, folder: Path) -> list[Path]:
     """Write the PNG plots; returns their paths."""
     try:
-        import matplotlib
+        import matplotlib  # optional extra (.[report]); plots only
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional extra, as above
     except ImportError as e:
         raise CascadeError("plots need matplotlib: pip install matplotlib") from e
     methods = report["methods"]
@@ -209,8 +221,6 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
 def write(report: dict, folder: Path) -> list[Path]:
     """report.json, report.md and the plots into ``folder``."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     (folder / "report.md").write_text(markdown(report))

@@ -27,6 +27,7 @@ from enum import IntEnum
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
 
 class Format(IntEnum):
@@ -209,9 +210,7 @@ def _k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> PackedWeight:
     """A GGUF tensor (``GGUFReader``'s raw ``data``, type, logical ``(N, K)``) in a kernel format."""
-    from gguf import GGMLQuantizationType as Q
-    from gguf import GGML_QUANT_SIZES, dequantize
-
+    Q = GGMLQuantizationType
     N, K = shape
     if qtype == Q.F32:
         return PackedWeight.dense(torch.from_numpy(np.array(data, np.float32).reshape(N, K)))

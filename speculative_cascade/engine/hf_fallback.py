@@ -15,7 +15,7 @@ class HFCache:
     """A transformers ``DynamicCache`` with the native cache's cursor interface (one row)."""
 
     def __init__(self, max_seq_len: int) -> None:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # slow to import; only a fallback model needs it
 
         self.cache = DynamicCache()
         self.max_seq_len = max_seq_len
@@ -23,7 +23,7 @@ class HFCache:
         self.seqlens = [0]
 
     def reset(self) -> None:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # slow to import; only a fallback model needs it
 
         self.cache = DynamicCache()
         self.seqlens = [0]

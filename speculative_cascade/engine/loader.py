@@ -26,17 +26,22 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..errors import CascadeError
-from .hf_fallback import HFCausalLM
 from .formats import from_gguf
-from .transformer import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer
+from .gguf_file import GGUFFile, check_header
+from .hf_fallback import HFCausalLM
 from .tokenizer import FastTokenizer
+from .transformer import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer, rope_row_order
 
 PRECISIONS = ("stored", "fp32")
 
@@ -109,12 +114,9 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
     _check_gguf_header(gguf)
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow to import; only this path needs it
 
     if progress:
-        import sys
-
         print(f"converting {gguf.name} to fp32 (once; cached in {out})", file=sys.stderr)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -135,8 +137,6 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     tok.save_pretrained(str(tmp))
     if out.exists():  # a concurrent conversion won the race
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         return out
     tmp.rename(out)
@@ -144,8 +144,6 @@ def convert_gguf(gguf: Path, progress: bool = True) -> Path:
 
 
 def _check_gguf_header(path: Path) -> None:
-    from .gguf_file import check_header
-
     try:
         check_header(path)
     except ValueError as e:
@@ -194,7 +192,7 @@ def load_tokenizer(path: str | Path, light: bool = True):
     try:
         if light and FastTokenizer.supports(path):
             return FastTokenizer(path)
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # slow to import; only models the native engine does not run need it
 
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -221,7 +219,7 @@ def load_model(
         where = _hub_snapshot(str(where))
     config = read_config(where)
     if config is None:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # slow to import; only models the native engine does not run need it
 
         try:
             config = AutoConfig.from_pretrained(str(where))
@@ -241,7 +239,7 @@ def load_model(
         else:
             model = _native(args, _read_state_dict(Path(where)), precision, spec)
     if not use_native:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # slow to import; only models the native engine does not run need it
 
         try:
             hf = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
@@ -346,7 +344,6 @@ def gguf_state_dict(reader, config: dict) -> dict:
 
     llama.cpp stores a llama model's q and k rows in interleaved RoPE order; they are put back
     in Hugging Face order here (an exact row permutation; the model permutes them again)."""
-    from .transformer import rope_row_order
 
     sd: dict = {}
     for t in reader.tensors:
@@ -388,11 +385,9 @@ def _gguf_tokenizer(gguf: Path, progress: bool):
     """The GGUF file's tokenizer, converted by transformers once and cached (a few MB)."""
     out = _gguf_cache_path(gguf).with_name(_gguf_cache_path(gguf).name + "-tokenizer")
     if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # slow to import; only this path needs it
 
         if progress:
-            import sys
-
             print(f"reading the tokenizer of {gguf.name} (once; cached in {out})", file=sys.stderr)
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -403,8 +398,6 @@ def _gguf_tokenizer(gguf: Path, progress: bool):
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))
         if out.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -413,8 +406,6 @@ def _gguf_tokenizer(gguf: Path, progress: bool):
 
 def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> LoadedModel | None:
     """A GGUF file on the native decoder in its own format; None when its architecture has none."""
-    from .gguf_file import GGUFFile
-
     try:
         reader = GGUFFile(gguf)  # checks the header first: the same errors as _check_gguf_header
         config = gguf_config(reader)
@@ -437,7 +428,7 @@ def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> 
 def _hub_snapshot(repo_id: str) -> Path:
     """A local copy of a hub model (from the hub cache when offline, else downloaded)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids; a slow import
 
         return Path(
             snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
@@ -451,8 +442,6 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
     """All tensors of a local checkpoint (safetensors, sharded or not; else torch .bin)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
     try:

@@ -18,6 +18,7 @@ respect to the full-precision target.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -118,7 +119,6 @@ def truncated(model: Transformer, n_layers: int, vocab: int | None = None) -> Tr
         raise ValueError(f"vocab must be in 8..{a.vocab_size}, got {vocab}")
     d = Transformer.__new__(Transformer)
     torch.nn.Module.__init__(d)
-    from dataclasses import replace
 
     d.args = replace(a, n_layers=n_layers)
     d.tok_embeddings, d.norm = model.tok_embeddings, model.norm

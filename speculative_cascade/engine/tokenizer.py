@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
 GENERIC_CLASSES = ("", "PreTrainedTokenizerFast", "TokenizersBackend", "GPT2TokenizerFast", "LlamaTokenizerFast")
 
 
@@ -23,8 +27,6 @@ def _token_text(tok) -> str | None:
 
 class FastTokenizer:
     def __init__(self, path: str | Path) -> None:
-        from tokenizers import Tokenizer
-
         path = Path(path)
         self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         cfg_file = path / "tokenizer_config.json"
@@ -64,8 +66,6 @@ class FastTokenizer:
         """transformers-style call: ``{"input_ids": ...}`` (a (1, T) tensor with ``return_tensors="pt"``)."""
         ids = self.encode(text, add_special_tokens=add_special_tokens)
         if return_tensors == "pt":
-            import torch
-
             return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
@@ -91,8 +91,6 @@ class FastTokenizer:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
             def raise_exception(message):
                 raise ValueError(message)
 

@@ -72,7 +72,7 @@ class ModelArgs:
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         inv_freq, scale = None, 1.0
         if rope_type != "default":
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # slow import; scaled RoPE only
 
             if rope_type not in ("linear", "llama3", "yarn") or rope_type not in ROPE_INIT_FUNCTIONS:
                 raise ValueError(f"RoPE type {rope_type!r} has no native implementation")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import main
+
 # The seed papers' method names -> this project's bench methods.
 ALIASES = {"cascade": "chain", "standard": "spec", "speculative": "spec", "autoregressive": "ar", "baseline": "ar"}
 UNSUPPORTED = {"medusa", "eagle"}
@@ -48,8 +50,6 @@ def parser(prog: str, default_methods: str | None) -> argparse.ArgumentParser:
 
 
 def run(prog: str, default_methods: str | None, argv: list[str] | None = None) -> None:
-    from ..cli import main
-
     args = parser(prog, default_methods).parse_args(argv)
     sys.argv = ["cascade", *bench_argv(args, args.methods)]
     main()

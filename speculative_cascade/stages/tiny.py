@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..engine.formats import Format, PackedWeight
 from ..engine.transformer import Linear
@@ -46,8 +48,6 @@ def fingerprint_matches(emb: torch.Tensor, fingerprint) -> bool:
 
 def read_info(path: str | Path) -> dict:
     """The metadata of a tiny-model checkpoint (format, sizes, embedding fingerprint, ...)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return json.loads((f.metadata() or {}).get("tiny", "{}"))
 
@@ -72,8 +72,6 @@ class TinyProjection(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, path: str | Path, *, int8: bool = True, meta: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         sd = {
             "proj.weight": self.proj.weight,
             "proj.bias": self.proj.bias,
@@ -99,8 +97,6 @@ class TinyProjection(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, embedding: torch.Tensor) -> "TinyProjection":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise CascadeError(f"tiny model not found: {path}")

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,7 @@ class Kernels:
     def stream_bandwidth(self, megabytes: int = 512, repeats: int = 5) -> float:
         """This machine's streaming read bandwidth in bytes/s (best of ``repeats`` reads of a buffer
         much larger than the caches), with the threads the kernels use."""
-        import time
-
-        import torch
+        import torch  # the kernels load without torch (setup.py); this probe runs with it
 
         buf = torch.ones(megabytes * 2**20 // 4)
         best = float("inf")
