@@ -22,6 +22,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 
 from .config import TWO_STAGE_K, CascadeConfig, load_cascade, parse_k, parse_k_matrix  # noqa: E402
+from .bench.report import rich_stage_table, stage_table, stage_totals, to_json, write  # noqa: E402
 from .prompts import read_prompts  # noqa: E402
 from .errors import CascadeError  # noqa: E402
 
@@ -125,30 +126,12 @@ def _plan(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, 
 
 
 def print_stage_table(stats: dict) -> None:
-    """The per-stage breakdown (the paper's throughput breakdown and conditional acceptances)."""
-    stages = stats.get("stages") or []
-    total = stats.get("total_s", 0.0) - stats.get("prefill_s", 0.0)
-    typer.echo(
-        f"{'stage':10s} {'forwards':>8s} {'tokens in':>9s} {'proposed':>8s} {'accepted':>8s} "
-        f"{'gamma':>13s} {'rate':>6s} {'time s':>7s} {'share':>6s}",
-        err=True,
-    )
-    for i, st in enumerate(stages):
-        up = i < len(stages) - 1
-        gamma = f"g_{{{i + 1}|{i}}}" if up else ""
-        rate = f"{st['acceptance_rate']:.1%}" if up and st["proposed"] else ""
-        share = f"{st['seconds'] / total:.0%}" if total > 0 else ""
-        typer.echo(
-            f"{st['name'][:10]:10s} {st['forwards']:8d} {st['tokens_in']:9d} {st['proposed']:8d} "
-            f"{st['accepted']:8d} {gamma:>13s} {rate:>6s} {st['seconds']:7.2f} {share:>6s}",
-            err=True,
-        )
-    other = total - sum(st["seconds"] for st in stages)
-    if total > 0:
-        typer.echo(
-            f"{'(other)':10s} {'':8s} {'':9s} {'':8s} {'':8s} {'':13s} {'':6s} {other:7.2f} {other / total:6.0%}",
-            err=True,
-        )
+    """The per-stage breakdown of one generation (the paper's throughput breakdown and conditional
+    acceptances), as the bench prints it."""
+    decode_s = stats.get("total_s", 0.0) - stats.get("prefill_s", 0.0)
+    stages = stage_totals([stats])
+    title = "per stage (gamma g_{i+1|i}: stage i's proposals accepted by stage i+1)"
+    Console(stderr=True).print(rich_stage_table(title, stage_table(stages, decode_s)))
 
 
 @app.command()
@@ -305,18 +288,18 @@ def bench(
 ) -> None:
     """Benchmark methods on Spec-Bench prompts: tokens/s, acceptance, greedy identity with 'ar'."""
     from .bench.methods import METHODS  # heavy (torch): imported when the command runs
-    from .bench.runner import run_bench  # heavy (torch): imported when the command runs
+    from .bench.runner import BenchSettings, run_bench  # heavy (torch): imported when the command runs
 
     if list_methods:
         for name, cls in METHODS.items():
             typer.echo(f"{name:12s} {cls.description}")
         return
     try:
-        report = run_bench(
+        settings = BenchSettings(
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
             prompts=prompts,
             per_category=per_category,
             max_new_tokens=max_new_tokens,
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
             target=target,
             precision=precision,
             draft=_draft_arg(draft),
@@ -326,18 +309,17 @@ def bench(
             predict=predict,
             sampling_check=sampling_check,
         )
+        report = run_bench(settings)
     except CascadeError as e:
         _fail(str(e))
     if json_path is not None:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2))
+            json_path.write_text(to_json(report))
         except OSError as e:
             _fail(f"cannot write {json_path}: {e.strerror}")
         typer.echo(f"report written to {json_path}", err=True)
     if report_dir is not None:
-        from .bench.report import write  # matplotlib, for the plots: imported when a report is asked for
-
         with _user_errors(report_dir):
             files = write(report, report_dir)
         typer.echo(f"report written to {', '.join(str(f) for f in files)}", err=True)

@@ -1,13 +1,24 @@
-"""The benchmark report as Markdown tables and PNG plots (from the JSON report of ``runner.run_bench``).
+"""The benchmark report: typed, built once from the runs, rendered three ways.
 
-Tables follow the seed paper's: Table 1 (throughput, latency per token, speedup, acceptance,
-memory, quality), the throughput breakdown by stage, and tokens/s by Spec-Bench category.
+* :class:`BenchReport` (per method a :class:`MethodReport`) - built by :func:`build` from the runs
+  of ``runner.run_bench``;
+* renderers: :func:`print_terminal` (the short table and the per-stage tables, 80 columns),
+  :func:`markdown` (the seed paper's tables: Table 1 - throughput, latency per token, speedup,
+  acceptance, memory, quality -, the cost model's predictions, Table 3 - the ablation -, the
+  throughput breakdown by stage, tokens/s by Spec-Bench category), and JSON
+  (:meth:`BenchReport.to_dict`); :func:`plots` draws the PNGs;
+* :func:`stage_table` - the per-stage table, shared with ``cascade generate --stats``.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from ..errors import CascadeError
 
@@ -24,13 +35,275 @@ ABLATION = (
 )
 
 
+@dataclass
+class StageTotals:
+    """One stage's counters summed over the prompts (``StageStats``), with conditional acceptance."""
+
+    name: str
+    forwards: int = 0
+    tokens_in: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    acceptance_rate: float | None = None  # g_{i+1|i}: this stage's proposals accepted by the next
+    time_share: float | None = None  # of the decoding time
+
+
+@dataclass
+class Prediction:
+    """The cost model's prediction for a native method (``runner._predict``)."""
+
+    decode_tokens_per_s: float
+    tokens_per_round: float
+    round_ms: float
+    draft_ms: float
+    verify_ms: float
+    overhead_ms: float
+    calibration_tokens_per_s: float
+
+
+@dataclass
+class MethodReport:
+    """One method's figures; None where the method has no such figure (left out of the JSON)."""
+
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    decode_tokens_per_s: float | None
+    by_category: dict[str, float]
+    acceptance_rate: float | None = None
+    mean_accepted_length: float | None = None
+    acceptance_by_position: list[float] | None = None
+    time_draft_s: float | None = None
+    time_verify_s: float | None = None
+    stages: list[StageTotals] | None = None
+    predicted: Prediction | None = None
+    predicted_decode_tokens_per_s: float | None = None
+    prediction_error: float | None = None
+    identical_to_ar: bool | None = None
+    prompts_differing_from_ar: list | None = None
+    speedup_vs_ar: float | None = None
+    speedup_vs_hf: float | None = None
+    peak_rss_mb: float | None = None
+    perplexity: float | None = None
+    sampling_check: dict | None = None
+
+    ALWAYS = ("tokens", "seconds", "tokens_per_s", "decode_tokens_per_s", "by_category", "peak_rss_mb", "perplexity")
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name not in self.ALWAYS:
+                continue
+            if f.name == "stages":
+                v = [asdict(s) for s in v]
+            elif f.name == "predicted":
+                v = asdict(v)
+            out[f.name] = v
+        return out
+
+
+@dataclass
+class BenchReport:
+    config: dict  # the run's settings and the machine (cpu, kernel, bandwidth, bound)
+    methods: dict[str, MethodReport] = field(default_factory=dict)
+    prompts: list[dict] = field(default_factory=list)  # per prompt: id, category, tokens and seconds per method
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "methods": {n: m.to_dict() for n, m in self.methods.items()},
+            "prompts": self.prompts,
+        }
+
+
+# -- building ------------------------------------------------------------------------------------
+
+
+def method_report(rows: list[dict], results: list, ref: list | None) -> MethodReport:
+    """One method's report from its runs (``methods.Result`` per prompt) and the reference ``ar`` runs."""
+    tokens = sum(len(r.token_ids) for r in results)
+    seconds = sum(r.seconds for r in results)
+    decode = [r.decode_seconds for r in results]
+    by_cat: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for row, r in zip(rows, results):
+        by_cat[row["category"]][0] += len(r.token_ids)
+        by_cat[row["category"]][1] += r.seconds
+    m = MethodReport(
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_s=tokens / seconds if seconds else 0.0,
+        decode_tokens_per_s=tokens / sum(decode) if all(d for d in decode) else None,
+        by_category={c: (t / s if s else 0.0) for c, (t, s) in by_cat.items()},
+    )
+    stats = [r.stats for r in results if r.stats]
+    if stats and any(s.get("drafted") for s in stats):
+        _add_acceptance(m, stats)
+    if ref is not None:
+        same = [r.token_ids == a.token_ids for r, a in zip(results, ref)]
+        m.identical_to_ar = all(same)
+        m.prompts_differing_from_ar = [row["id"] for row, s in zip(rows, same) if not s]
+    return m
+
+
+def _add_acceptance(m: MethodReport, stats: list[dict]) -> None:
+    drafted = sum(s["drafted"] for s in stats)
+    m.acceptance_rate = sum(s["accepted"] for s in stats) / drafted if drafted else 0.0
+    rounds = sum(s["rounds"] for s in stats)
+    m.mean_accepted_length = sum(s["new_tokens"] for s in stats) / rounds if rounds else 0.0
+    width = max(len(s["accepted_by_position"]) for s in stats)
+
+    def summed(key: str) -> list[int]:
+        return [sum(s[key][i] for s in stats if i < len(s[key])) for i in range(width)]
+
+    acc, dr = summed("accepted_by_position"), summed("drafted_by_position")
+    while dr and not dr[-1]:  # positions the token budget allowed but nothing drafted
+        dr.pop()
+    m.acceptance_by_position = [a / d if d else 0.0 for a, d in zip(acc, dr)]
+    m.time_draft_s = sum(s["draft_s"] for s in stats)
+    m.time_verify_s = sum(s["verify_s"] for s in stats)
+    m.stages = stage_totals(stats)
+
+
+def stage_totals(stats: list[dict]) -> list[StageTotals]:
+    """Per-stage counters summed over generations (``GenerationStats.to_dict()``), smallest stage first."""
+    totals: dict[str, StageTotals] = {}
+    for s in stats:
+        for st in s.get("stages", []):
+            t = totals.setdefault(st["name"], StageTotals(st["name"]))
+            t.forwards += st["forwards"]
+            t.tokens_in += st["tokens_in"]
+            t.proposed += st["proposed"]
+            t.accepted += st["accepted"]
+            t.seconds += st["seconds"]
+    decode = sum(s["total_s"] - s["prefill_s"] for s in stats)
+    for t in totals.values():
+        t.acceptance_rate = t.accepted / t.proposed if t.proposed else None
+        t.time_share = t.seconds / decode if decode else None
+    return list(totals.values())
+
+
+def add_speedups(report: BenchReport) -> None:
+    base = report.methods["ar"].tokens_per_s if "ar" in report.methods else None
+    hf = report.methods["hf"].tokens_per_s if "hf" in report.methods else None
+    for m in report.methods.values():
+        if base:
+            m.speedup_vs_ar = m.tokens_per_s / base
+        if hf:
+            m.speedup_vs_hf = m.tokens_per_s / hf
+
+
+def add_prediction(m: MethodReport, p: Prediction) -> None:
+    m.predicted = p
+    m.predicted_decode_tokens_per_s = p.decode_tokens_per_s
+    if m.decode_tokens_per_s:
+        m.prediction_error = p.decode_tokens_per_s / m.decode_tokens_per_s - 1
+
+
+# -- shared formatting ---------------------------------------------------------------------------
+
 
 def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def markdown(report: dict) -> str:
-    cfg, methods = report["config"], report["methods"]
+def _yes(v: bool | None) -> str:
+    return {True: "yes", False: "NO"}.get(v, "-")
+
+
+STAGE_COLUMNS = ("stage", "forwards", "tokens in", "proposed", "accepted", "gamma", "rate", "time s", "share")
+
+
+def stage_table(stages: list[StageTotals], decode_s: float | None = None) -> list[tuple[str, ...]]:
+    """Rows of the per-stage table (:data:`STAGE_COLUMNS`), smallest stage first, the target last.
+
+    ``rate`` is the seed paper's conditional acceptance ``gamma`` g_{i+1|i}: stage i's proposals
+    accepted by stage i + 1. With ``decode_s`` (the decoding time), an ``(other)`` row holds the time outside
+    the stages (the loop, verification bookkeeping)."""
+    rows = []
+    for i, st in enumerate(stages):
+        up = i < len(stages) - 1
+        rows.append(
+            (
+                st.name,
+                str(st.forwards),
+                str(st.tokens_in),
+                str(st.proposed) if up else "-",
+                str(st.accepted) if up else "-",
+                f"g_{{{i + 1}|{i}}}" if up else "-",
+                _fmt(st.acceptance_rate if up else None, ".1%"),
+                f"{st.seconds:.2f}",
+                _fmt(st.time_share, ".0%"),
+            )
+        )
+    if decode_s:
+        other = decode_s - sum(st.seconds for st in stages)
+        rows.append(("(other)", "", "", "", "", "", "", f"{other:.2f}", f"{other / decode_s:.0%}"))
+    return rows
+
+
+def rich_stage_table(title: str, rows: list[tuple[str, ...]]) -> Table:
+    t = Table(title=title, box=None, pad_edge=False)
+    for col in STAGE_COLUMNS:
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+# -- terminal ------------------------------------------------------------------------------------
+
+TERMINAL_COLUMNS = ("method", "tok/s", "dec/s", "pred", "vs ar", "accept", "tok/rd", "=ar", "samp p")
+
+
+def print_terminal(report: BenchReport, console: Console) -> None:
+    """One line per method in 80 columns (perplexity and peak memory are in the JSON and Markdown),
+    the bandwidth bound, then a per-stage table for each cascade of three or more stages."""
+    cfg = report.config
+    t = Table(title=f"{cfg['prompts']} prompts, {cfg['max_new_tokens']} new tokens", box=None, pad_edge=False)
+    for col in TERMINAL_COLUMNS:
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for name, m in report.methods.items():
+        pred = (
+            f"{m.predicted_decode_tokens_per_s:.0f}({m.prediction_error:+.0%})"
+            if m.predicted_decode_tokens_per_s is not None and m.prediction_error is not None
+            else "-"
+        )
+        t.add_row(
+            name,
+            f"{m.tokens_per_s:.1f}",
+            _fmt(m.decode_tokens_per_s, ".1f"),
+            pred,
+            f"{m.speedup_vs_ar:.2f}x" if m.speedup_vs_ar is not None else "-",
+            _fmt(m.acceptance_rate, ".1%"),
+            _fmt(m.mean_accepted_length, ".2f"),
+            _yes(m.identical_to_ar),
+            _fmt((m.sampling_check or {}).get("p_value"), ".2g"),
+        )
+    console.print(t)
+    if "bound_tokens_per_s" in cfg:
+        console.print(
+            f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
+            f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s"
+        )
+    for name, m in report.methods.items():
+        if m.stages and len(m.stages) >= 3:
+            title = f"{name}: per stage (gamma g_{{i+1|i}}: stage i's proposals accepted by stage i+1)"
+            console.print(rich_stage_table(title, stage_table(m.stages)))
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+
+
+def _md_table(header: tuple[str, ...], align: tuple[str, ...], rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def markdown(report: BenchReport) -> str:
+    cfg, methods = report.config, report.methods
     out = [
         "# Benchmark report",
         "",
@@ -39,20 +312,32 @@ def markdown(report: dict) -> str:
         "",
         "## Table 1: throughput, latency, speedup, acceptance, memory, quality",
         "",
-        "| method | tok/s | decode tok/s | predicted | latency ms/token | vs ar | accepted | tokens/round "
-        "| peak RSS MB | PPL | = ar | sampling p |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
+    rows = []
     for name, m in methods.items():
-        dec = m.get("decode_tokens_per_s")
-        out.append(
-            f"| {name} | {m['tokens_per_s']:.1f} | {_fmt(dec, '.1f')} | "
-            f"{_fmt(m.get('predicted_decode_tokens_per_s'), '.1f')} | {_fmt(1000 / dec if dec else None, '.1f')} | "
-            f"{_fmt(m.get('speedup_vs_ar'), '.2f')}x | {_fmt(m.get('acceptance_rate'), '.1%')} | "
-            f"{_fmt(m.get('mean_accepted_length'), '.2f')} | {_fmt(m.get('peak_rss_mb'), '.0f')} | "
-            f"{_fmt(m.get('perplexity'), '.4f')} | {dict([(True, 'yes'), (False, 'NO')]).get(m.get('identical_to_ar'), '-')} | "
-            f"{_fmt(m.get('sampling_check', {}).get('p_value'), '.2g')} |"
+        dec = m.decode_tokens_per_s
+        rows.append(
+            (
+                name,
+                f"{m.tokens_per_s:.1f}",
+                _fmt(dec, ".1f"),
+                _fmt(m.predicted_decode_tokens_per_s, ".1f"),
+                _fmt(1000 / dec if dec else None, ".1f"),
+                f"{_fmt(m.speedup_vs_ar, '.2f')}x",
+                _fmt(m.acceptance_rate, ".1%"),
+                _fmt(m.mean_accepted_length, ".2f"),
+                _fmt(m.peak_rss_mb, ".0f"),
+                _fmt(m.perplexity, ".4f"),
+                _yes(m.identical_to_ar),
+                _fmt((m.sampling_check or {}).get("p_value"), ".2g"),
+            )
         )
+    out += _md_table(
+        ("method", "tok/s", "decode tok/s", "predicted", "latency ms/token", "vs ar", "accepted", "tokens/round",
+         "peak RSS MB", "PPL", "= ar", "sampling p"),
+        ("---",) + ("---:",) * 9 + (":---:", "---:"),
+        rows,
+    )
     out += [
         "",
         "Latency per token = 1 / decode tok/s. `= ar`: greedy output identical to `ar` on every prompt. "
@@ -65,33 +350,16 @@ def markdown(report: dict) -> str:
         out += ["", "Configurations: " + "; ".join(f"`{n}`: {d}" for n, d in cascades.items()) + "."]
     out += _prediction_table(methods) + _ablation_table(methods)
     for name, m in methods.items():
-        stages = m.get("stages") or []
-        if len(stages) < 2:
-            continue
-        out += [
-            "",
-            f"## Throughput breakdown: {name}",
-            "",
-            "| stage | forwards | tokens in | proposed | accepted by next | rate | time s | share |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for i, st in enumerate(stages):
-            up = i < len(stages) - 1
-            out.append(
-                f"| {st['name']} | {st['forwards']} | {st['tokens_in']} | {st['proposed'] if up else '-'} | "
-                f"{st['accepted'] if up else '-'} | {_fmt(st['acceptance_rate'] if up else None, '.1%')} | "
-                f"{st['seconds']:.2f} | {_fmt(st.get('time_share'), '.0%')} |"
-            )
-    cats = sorted({c for m in methods.values() for c in m["by_category"]})
-    out += [
-        "",
-        "## Tokens/s by category",
-        "",
-        "| method | " + " | ".join(cats) + " |",
-        "| --- | " + " | ".join("---:" for _ in cats) + " |",
-    ]
-    for name, m in methods.items():
-        out.append(f"| {name} | " + " | ".join(_fmt(m["by_category"].get(c), ".1f") for c in cats) + " |")
+        if m.stages and len(m.stages) >= 2:
+            out += ["", f"## Throughput breakdown: {name}", ""]
+            out += _md_table(STAGE_COLUMNS, ("---",) + ("---:",) * 8, stage_table(m.stages))
+    cats = sorted({c for m in methods.values() for c in m.by_category})
+    out += ["", "## Tokens/s by category", ""]
+    out += _md_table(
+        ("method", *cats),
+        ("---",) + ("---:",) * len(cats),
+        [(name, *(_fmt(m.by_category.get(c), ".1f") for c in cats)) for name, m in methods.items()],
+    )
     out += [
         "",
         "Plots: `speedup.png` (speedup over ar by method and category), `acceptance.png` "
@@ -100,8 +368,8 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _prediction_table(methods: dict) -> list[str]:
-    rows = [(n, m) for n, m in methods.items() if m.get("predicted")]
+def _prediction_table(methods: dict[str, MethodReport]) -> list[str]:
+    rows = [(n, m, m.predicted) for n, m in methods.items() if m.predicted is not None]
     if not rows:
         return []
     out = [
@@ -111,42 +379,58 @@ def _prediction_table(methods: dict) -> list[str]:
         "Each method's rounds profiled on held-out prompts of the same file (one per category, 48 new tokens), "
         "predicted for this run's mean context and length (docs/cost-model.md).",
         "",
-        "| method | predicted | measured | error | tokens/round | draft ms | verify ms | overhead ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for n, m in rows:
-        p = m["predicted"]
-        out.append(
-            f"| {n} | {p['decode_tokens_per_s']:.1f} | {_fmt(m.get('decode_tokens_per_s'), '.1f')} | "
-            f"{_fmt(m.get('prediction_error'), '+.1%')} | {p['tokens_per_round']:.2f} | {p['draft_ms']:.1f} | "
-            f"{p['verify_ms']:.1f} | {p['overhead_ms']:.2f} |"
-        )
-    return out
+    return out + _md_table(
+        ("method", "predicted", "measured", "error", "tokens/round", "draft ms", "verify ms", "overhead ms"),
+        ("---",) + ("---:",) * 7,
+        [
+            (
+                n,
+                f"{p.decode_tokens_per_s:.1f}",
+                _fmt(m.decode_tokens_per_s, ".1f"),
+                _fmt(m.prediction_error, "+.1%"),
+                f"{p.tokens_per_round:.2f}",
+                f"{p.draft_ms:.1f}",
+                f"{p.verify_ms:.1f}",
+                f"{p.overhead_ms:.2f}",
+            )
+            for n, m, p in rows
+        ],
+    )
 
 
-def _ablation_table(methods: dict) -> list[str]:
+def _ablation_table(methods: dict[str, MethodReport]) -> list[str]:
     rows = [(v, n, methods[n]) for v, n in ABLATION if n in methods]
     if len(rows) < 2:
         return []
-    full = methods.get("full", {}).get("decode_tokens_per_s")
-    out = [
-        "",
-        "## Table 3: ablation",
-        "",
-        "| variant | method | decode tok/s | accepted by target | peak RSS MB | vs ar | vs full |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    full = methods["full"].decode_tokens_per_s if "full" in methods else None
+    out = ["", "## Table 3: ablation", ""]
+    table = []
     for variant, n, m in rows:
-        dec = m.get("decode_tokens_per_s")
+        dec = m.decode_tokens_per_s
         vs_full = dec / full - 1 if dec and full else None
-        out.append(
-            f"| {variant} | `{n}` | {_fmt(dec, '.1f')} | {_fmt(m.get('acceptance_rate'), '.1%')} | "
-            f"{_fmt(m.get('peak_rss_mb'), '.0f')} | {_fmt(m.get('speedup_vs_ar'), '.2f')}x | {_fmt(vs_full, '+.1%')} |"
+        table.append(
+            (
+                variant,
+                f"`{n}`",
+                _fmt(dec, ".1f"),
+                _fmt(m.acceptance_rate, ".1%"),
+                _fmt(m.peak_rss_mb, ".0f"),
+                f"{_fmt(m.speedup_vs_ar, '.2f')}x",
+                _fmt(vs_full, "+.1%"),
+            )
         )
-    return out
+    return out + _md_table(
+        ("variant", "method", "decode tok/s", "accepted by target", "peak RSS MB", "vs ar", "vs full"),
+        ("---", "---") + ("---:",) * 5,
+        table,
+    )
 
 
-def plots(report: dict, folder: Path) -> list[Path]:
+# -- plots and files -----------------------------------------------------------------------------
+
+
+def plots(report: BenchReport, folder: Path) -> list[Path]:
     """Write the PNG plots; returns their paths."""
     try:
         import matplotlib  # optional extra (.[report]); plots only
@@ -155,18 +439,18 @@ def plots(report: dict, folder: Path) -> list[Path]:
         import matplotlib.pyplot as plt  # optional extra, as above
     except ImportError as e:
         raise CascadeError("plots need matplotlib: pip install matplotlib") from e
-    methods = report["methods"]
+    methods = report.methods
     ar = methods.get("ar")
     written = []
 
     if ar:  # speedup over ar, by method and category
-        cats = sorted(ar["by_category"])
+        cats = sorted(ar.by_category)
         names = [n for n in methods if n != "ar"]
         fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cats) + 3), 4.5))
         width = 0.8 / max(1, len(names))
         colours = plt.get_cmap("tab20").colors
         for i, n in enumerate(names):
-            ys = [methods[n]["by_category"].get(c, 0) / ar["by_category"][c] for c in cats]
+            ys = [methods[n].by_category.get(c, 0) / ar.by_category[c] for c in cats]
             ax.bar([j + i * width for j in range(len(cats))], ys, width, label=n, color=colours[i % len(colours)])
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
@@ -181,8 +465,8 @@ def plots(report: dict, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))  # acceptance by position
     colours = plt.get_cmap("tab20").colors
     for i, (n, m) in enumerate(methods.items()):
-        acc = m.get("acceptance_by_position")
-        if acc:
+        if m.acceptance_by_position:
+            acc = m.acceptance_by_position
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n, color=colours[i % len(colours)])
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted by the target")
@@ -196,9 +480,9 @@ def plots(report: dict, folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.5, 5))  # predicted vs measured
     pts = [
-        (n, m["predicted_decode_tokens_per_s"], m["decode_tokens_per_s"])
+        (n, m.predicted_decode_tokens_per_s, m.decode_tokens_per_s)
         for n, m in methods.items()
-        if m.get("predicted_decode_tokens_per_s") and m.get("decode_tokens_per_s")
+        if m.predicted_decode_tokens_per_s and m.decode_tokens_per_s
     ]
     hi = max([max(p, q) for _, p, q in pts], default=1.0) * 1.15
     ax.plot([0, hi], [0, hi], color="black", lw=0.8)
@@ -219,9 +503,13 @@ def plots(report: dict, folder: Path) -> list[Path]:
     return written
 
 
-def write(report: dict, folder: Path) -> list[Path]:
+def to_json(report: BenchReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+def write(report: BenchReport, folder: Path) -> list[Path]:
     """report.json, report.md and the plots into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.json").write_text(to_json(report))
     (folder / "report.md").write_text(markdown(report))
     return [folder / "report.json", folder / "report.md", *plots(report, folder)]
