@@ -23,6 +23,7 @@ from typing import Callable
 
 from .cascade import ChainRound, Round, TreeRound, build_csd
 from .config import CascadeConfig
+from .engine.hf_fallback import HFCausalLM
 from .engine.loader import as_model
 from .engine.quant import quantize_int4, quantize_int8, truncated
 from .engine.transformer import Transformer
@@ -41,7 +42,7 @@ SHIPPED_BIGRAM = DATA / "bigram-smollm2-135m-instruct.npz"
 class BuildContext:
     """What every stage factory gets: the target, the cache size, and models shared between builds."""
 
-    target: object
+    target: Transformer | HFCausalLM
     max_len: int
     mag_min_ngram: int = 1
     progress: bool = True

@@ -58,12 +58,16 @@ class Horizontal(Drafter):
             raise CascadeError(f"increments must be >= 0 with a positive sum, got {increments}")
         self.drafters = drafters
         self.cum = [sum(increments[: i + 1]) for i in range(len(increments))]
-        self.vocab_size = vocab_size
+        self._vocab_size = vocab_size
         self._last: list[tuple[Drafter, int]] = []  # (drafter, tokens) of the last proposal
 
     @property
     def total(self) -> int:
         return self.cum[-1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def propose(self, ids, k, params, generator):
         out: list[int] = []
@@ -320,9 +324,9 @@ class ChainRound(Round):
         return RoundResult(draft[:n] + [nxt], len(draft), n, k, draft_s, verify_s)
 
 
-def _score(target: Stage, ids: list[int], draft: list[int]) -> torch.Tensor:
+def _score(target: Stage | TreeScorer, ids: list[int], draft: list[int]) -> torch.Tensor:
     if not isinstance(target, Reviewer):
-        raise CascadeError(f"the target stage {target.name!r} cannot verify drafts")
+        raise CascadeError(f"the target stage {type(target).__name__} cannot verify drafts")
     return target.score(ids, draft)
 
 

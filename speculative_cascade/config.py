@@ -36,9 +36,9 @@ import yaml
 from .errors import CascadeError
 
 if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the same parser, as a package, before Python 3.11
-    import tomli as tomllib
+    import tomllib  # in the standard library from Python 3.11
+else:
+    import tomli as tomllib  # the same parser, as a package, before Python 3.11
 
 MODES = ("chain", "tree")
 TWO_STAGE_K = 8  # draft tokens per round when one draft model drafts for the target (--draft)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .cascade import ChainRound, Round, RoundResult
 from .errors import CascadeError
 from .sampling import SamplingParams
 from .stages.base import StageStats
@@ -110,9 +111,9 @@ class StopChecker:
     def __init__(self, eos_ids, stop_strings=(), decode: Callable[[list[int]], str] | None = None) -> None:
         self.eos = set(eos_ids or ())
         self.stop_strings = [s for s in (stop_strings or ()) if s]
-        self.decode = decode
         if self.stop_strings and decode is None:
             raise CascadeError("stop strings need a tokenizer")
+        self.decode: Callable[[list[int]], str] = decode or (lambda ids: "")
 
     def cut(self, generated: list[int], start: int) -> tuple[int, str] | None:
         """If a stop occurs in ``generated[start:]``, return (length to keep, reason).

@@ -94,7 +94,7 @@ def verify_tree_greedy(tokens: list[int], parents: list[int], logits: torch.Tens
     assert logits.shape[0] == len(tokens) + 1
     best = logits.argmax(-1).tolist()
     kids = _children(parents)
-    node, path = -1, []
+    node, path = -1, []  # type: tuple[int, list[int]]
     while True:
         t = best[node + 1]
         nxt = next((c for c in kids.get(node, ()) if tokens[c] == t), None)
@@ -126,7 +126,7 @@ def verify_tree_sampling(
     Sun et al. 2023, with deterministic proposals)."""
     assert p.shape[0] == len(tokens) + 1
     kids = _children(parents)
-    node, path = -1, []
+    node, path = -1, []  # type: tuple[int, list[int]]
     while True:
         r = p[node + 1]
         accepted = None

@@ -52,7 +52,9 @@ class StageStats:
 class Drafter(ABC):
     """Anything that proposes tokens to the stage above it."""
 
-    vocab_size: int
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
 
     @abstractmethod
     def propose(

@@ -72,10 +72,14 @@ class MaG(Stage):
         if not 1 <= min_ngram <= max_ngram:
             raise CascadeError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         super().__init__(name)
-        self.vocab_size = vocab_size
+        self._vocab_size = vocab_size
         self.bigram = bigram
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.prompt_len: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def reset(self) -> None:
         super().reset()

@@ -61,7 +61,7 @@ class TinyProjection(nn.Module):
         self.embedding = embedding.detach()  # (V, d), not a parameter: never trained, never saved
         self.proj = nn.Linear(d, hidden)
         self.norm = nn.LayerNorm(hidden)
-        self.head: nn.Module = nn.Linear(hidden, V)
+        self.head: nn.Linear | Linear = nn.Linear(hidden, V)
         self.vocab_size, self.dim, self.hidden = V, d, hidden
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,10 @@ class TinyProjection(nn.Module):
             "norm.bias": self.norm.bias,
         }
         head = self.head
+        assert head.bias is not None  # the head always has one
         if isinstance(head, Linear) or int8:
             packed = head.packed if isinstance(head, Linear) else int8_weight(head.weight)
+            assert packed.sm is not None  # INT8 has a scale per row
             sd.update({"head.w_int8": packed.data, "head.scales": packed.sm[:, 0, 0], "head.bias": head.bias})
         else:
             sd.update({"head.weight": head.weight, "head.bias": head.bias})
