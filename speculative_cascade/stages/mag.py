@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CascadeError
-from .base import Drafter, Stage
+from .base import Stage
 
 
 class BigramTable:
