@@ -112,7 +112,7 @@ class SpeculativeGenerator:
         self._round: Round | None = None
         if self.config is not None:
             self._round, _ = build_round(self.config, self.target, self.max_len, progress=progress)
-        elif self.draft is not None:  # two-stage: the draft model's stage, built by the caller's model
+        elif self.draft is not None:  # two-stage: one draft model (the INT8 copy or the caller's)
             two_stage = CascadeConfig(stages=("draft",), k=(K,))
             draft_stage = ModelStage(self.draft, self.max_len, name="draft")
             self._round, _ = build_round(two_stage, self.target, self.max_len, stages=[draft_stage])
