@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .adaptive import AdaptiveRound, Calibration
 from .cascade import ChainRound, Round, TreeRound, build_csd
 from .config import CascadeConfig
+from .engine import kernels
 from .engine.hf_fallback import HFCausalLM
-from .engine.loader import as_model
+from .engine.loader import as_model, cache_dir
 from .engine.quant import quantize_int4, quantize_int8, truncated
 from .engine.transformer import Transformer
 from .errors import CascadeError
@@ -156,7 +158,16 @@ def build_round(
         rnd = TreeRound(proposer, filt, n_nodes=config.tree_nodes, width=config.tree_width, keep=config.tree_keep)
         return rnd, stages
     drafter, k = build_csd(list(reversed(stages)), config.chain_matrix(), lenience=config.lenience)
+    if config.adaptive:
+        lookup = all(isinstance(s, MaG) for s in stages)  # drafting costs a lookup: propose first, then choose
+        return AdaptiveRound(drafter, k, lookup=lookup, name="->".join(config.stages), calibration=calibration(target)), stages
     return ChainRound(drafter, k), stages
+
+
+def calibration(target) -> Calibration:
+    """This machine's calibration cache for ``target`` (model, CPU and kernel variant in the key)."""
+    k = kernels.get()
+    return Calibration.load(cache_dir(), Calibration.key_for(target, kernels.cpu_name(), k.variant if k else "torch"))
 
 
 def is_default_target(target) -> bool:
@@ -170,14 +181,16 @@ def is_default_target(target) -> bool:
 
 
 def default_cascade(target=None) -> CascadeConfig:
-    """The default cascade for ``target``, from side-by-side measurements (docs/cascade.md).
+    """The default cascade for ``target``: adaptive (each round chooses how many drafted tokens the
+    target verifies, 0 = plain decoding, from this machine's measured costs and the acceptance seen
+    so far; ``adaptive.py``), over the drafts measured side by side in docs/cascade.md.
 
     A target whose matrices are quantized (a GGUF file's 4- or 8-bit blocks) costs little more to
     read than any neural draft of it, and verifying several tokens costs it more than one: MaG
-    alone proposes up to 4 tokens where the text repeats a 3-gram or longer, and otherwise the
-    target decodes one token. So does a target the native engine cannot run. A dense target (fp32,
-    bf16, fp16) is dominated by reading its weights: MaG proposes up to 3 tokens on 2-gram+
-    repeats to its INT8 copy, which drafts 8 for the target."""
+    alone proposes up to 8 tokens where the text repeats a 3-gram or longer, and the round
+    verifies as many of them as pay. So does a target the native engine cannot run. A dense target
+    (fp32, bf16, fp16) is dominated by reading its weights: MaG proposes up to 3 tokens on 2-gram+
+    repeats to its INT8 copy, which drafts up to 8 for the target."""
     if target is not None and (not isinstance(target, Transformer) or target.is_quantized):
-        return CascadeConfig(stages=("mag:none",), k=(4,), mag_min_ngram=3)
-    return CascadeConfig(stages=("mag:none", "int8"), k=(3, 8), mag_min_ngram=2)
+        return CascadeConfig(stages=("mag:none",), k=(8,), mag_min_ngram=3, adaptive=True)
+    return CascadeConfig(stages=("mag:none", "int8"), k=(3, 8), mag_min_ngram=2, adaptive=True)

@@ -271,6 +271,9 @@ class Round(ABC):
         """The drafting stages' counters, smallest stage first."""
         return []
 
+    def finish(self) -> None:
+        """The generation ended (a round that learns may keep what it measured)."""
+
     @abstractmethod
     def run(
         self, target: Stage, ids: list[int], budget: int, params: SamplingParams, generator: torch.Generator | None
@@ -313,7 +316,7 @@ class ChainRound(Round):
             q = q[: len(draft)] if q is not None else None
             draft_s = time.perf_counter() - t1
         t1 = time.perf_counter()
-        logits = _score(target, ids, draft)  # (len(draft) + 1, V)
+        logits = target_scores(target, ids, draft)  # (len(draft) + 1, V)
         if params.greedy:
             n, nxt = verify_greedy(draft, logits)
         else:
@@ -324,7 +327,8 @@ class ChainRound(Round):
         return RoundResult(draft[:n] + [nxt], len(draft), n, k, draft_s, verify_s)
 
 
-def _score(target: Stage | TreeScorer, ids: list[int], draft: list[int]) -> torch.Tensor:
+def target_scores(target: Stage | TreeScorer, ids: list[int], draft: list[int]) -> torch.Tensor:
+    """The target's logits (len(draft) + 1, V) after ``ids[-1]`` and after each draft token."""
     if not isinstance(target, Reviewer):
         raise CascadeError(f"the target stage {type(target).__name__} cannot verify drafts")
     return target.score(ids, draft)
@@ -410,7 +414,7 @@ class TreeRound(Round):
         if not isinstance(target, TreeScorer):
             raise CascadeError(f"the target stage {target.name!r} cannot verify a tree")
         if budget < 1:
-            logits = _score(target, ids, [])
+            logits = target_scores(target, ids, [])
             nxt = (
                 int(logits[0].argmax())
                 if params.greedy

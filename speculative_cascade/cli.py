@@ -87,7 +87,7 @@ class _Streamer:
 CASCADE_HELP = "Cascade file (TOML/YAML/JSON, see docs/cascade.md); overrides --draft."
 
 
-def _plan(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, draft):
+def _plan(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, adaptive, draft):
     """What the generate options ask for: ``(cascade or None, draft model, k)`` for SpeculativeGenerator.
 
     A cascade file or ``--stages`` (with the other cascade options over it) is a cascade; ``--draft``
@@ -101,6 +101,7 @@ def _plan(cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, 
         "tree_nodes": tree_nodes,
         "tree_width": tree_width,
         "tree_keep": tree_keep,
+        "adaptive": adaptive,
     }
     over = {key: v for key, v in over.items() if v is not None}
     if cascade is not None:
@@ -150,6 +151,9 @@ def generate(
     tree_nodes: Optional[int] = typer.Option(None, "--tree-nodes", help="Tree mode: nodes stage 0 drafts."),
     tree_width: Optional[int] = typer.Option(None, "--tree-width", help="Tree mode: most nodes per level."),
     tree_keep: Optional[int] = typer.Option(None, "--tree-keep", help="Tree mode: nodes the filter keeps."),
+    adaptive: Optional[bool] = typer.Option(
+        None, "--adaptive/--fixed", help="Chain: each round chooses how many of the last k the target verifies."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy (output identical to the target's own)."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = off)."),
@@ -171,7 +175,7 @@ def generate(
 
     try:
         config, draft_model, draft_k = _plan(
-            cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, draft
+            cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, adaptive, draft
         )
         gen = SpeculativeGenerator(
             target, draft_model, K=draft_k, max_len=max_len, cascade=config, precision=precision
@@ -210,6 +214,9 @@ def generate(
     if show_stats:
         if gen.config is not None:
             typer.echo(f"cascade: {gen.config.describe()}", err=True)
+        counts = stats.get("rounds_by_draft_length") or []
+        if gen.speculative and counts:
+            typer.echo("rounds by draft tokens verified: " + ", ".join(f"{k}: {n}" for k, n in enumerate(counts) if n), err=True)
         print_stage_table(stats)
 
 

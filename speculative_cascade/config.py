@@ -7,6 +7,8 @@ Stages are listed smallest first and exclude the target::
     stages = ["mag", "int8"]   # stage 0 drafts for stage 1 (the INT8 draft), which drafts for the target
     mode = "chain"             # "chain" (vertical cascade) or "tree" (the seed paper's Algorithm 1)
     k = [2, 8]                 # chain: tokens stage i drafts per review by stage i + 1
+    adaptive = false           # chain: the target's k is the most a round verifies; each round chooses
+                               #        how many (0: plain decoding) from what it measured (adaptive.py)
     # k_matrix = [[6, 3], [0, 2]]   # instead of k: CSD's matrix (drafters largest first, increments)
     lenience = 1.0             # CSD's lenience below the target (greedy only; never at the target)
     tree_nodes = 32            # tree: nodes stage 0 drafts, at most tree_width per level;
@@ -61,6 +63,7 @@ class CascadeConfig:
     tree_keep: int = 8
     mag_min_ngram: int = 1  # MaG proposes only suffix matches at least this long (then bigrams)
     precision: str = "stored"  # the target's weights: as stored ("stored") or dequantized ("fp32")
+    adaptive: bool = False  # chain: choose the target's k (up to k[-1]) before each round
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class CascadeConfig:
             raise CascadeError(f"lenience must be >= 1, got {self.lenience}")
         if not 1 <= self.mag_min_ngram <= 8:
             raise CascadeError(f"mag_min_ngram must be in 1..8, got {self.mag_min_ngram}")
+        if self.adaptive and (self.mode != "chain" or self.k_matrix is not None):
+            raise CascadeError("adaptive draft lengths are for chains given by k (not trees or k_matrix)")
         if self.mode == "tree":
             if len(self.stages) > 2:
                 raise CascadeError("tree mode takes one or two stages: the proposer, then the filter")
@@ -104,6 +109,9 @@ class CascadeConfig:
             return f"tree {chain} (nodes {self.tree_nodes}, width {self.tree_width}, keep {self.tree_keep})"
         if self.k_matrix is not None:
             return f"csd {chain} (k_matrix {json.dumps([list(r) for r in self.k_matrix])}, lenience {self.lenience:g})"
+        if self.adaptive:
+            below = f"k {', '.join(map(str, self.k[:-1]))}; " if len(self.k) > 1 else ""
+            return f"adaptive chain {chain} ({below}target verifies 0..{self.k[-1]} a round)"
         return f"chain {chain} (k {', '.join(map(str, self.k))})"
 
     def to_dict(self) -> dict:
@@ -132,6 +140,9 @@ class CascadeConfig:
                     d[name] = int(d[name])
             if "lenience" in d:
                 d["lenience"] = float(d["lenience"])
+            if "adaptive" in d:
+                if not isinstance(d["adaptive"], bool):
+                    raise ValueError(f"adaptive must be true or false, got {d['adaptive']!r}")
         except (TypeError, ValueError) as e:
             raise CascadeError(f"bad cascade setting: {e}") from e
         if "stages" in d and "k" not in d and d.get("k_matrix") is None and d.get("mode", "chain") == "chain":

@@ -35,6 +35,7 @@ class GenerationStats:
     accepted_by_position: list[int] = field(default_factory=list)  # accepted[i]: drafts at position i accepted
     drafted_by_position: list[int] = field(default_factory=list)
     budgeted_by_position: list[int] = field(default_factory=list)  # rounds whose token budget allowed position i
+    rounds_by_draft_length: list[int] = field(default_factory=list)  # [k]: rounds that verified k drafted tokens
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -47,6 +48,8 @@ class GenerationStats:
         ``res.budget`` the round could have drafted (a drafter may propose fewer)."""
         positions, accepted = res.drafted, res.accepted
         budget = max(positions, res.budget)
+        self.rounds_by_draft_length.extend([0] * (positions + 1 - len(self.rounds_by_draft_length)))
+        self.rounds_by_draft_length[positions] += 1
         self.draft_s += res.draft_s
         self.verify_s += res.verify_s
         self.rounds += 1
@@ -64,6 +67,11 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def rounds_without_drafting(self) -> float:
+        """Share of the rounds that verified no drafted token (plain decoding steps)."""
+        return self.rounds_by_draft_length[0] / self.rounds if self.rounds and self.rounds_by_draft_length else 0.0
+
+    @property
     def mean_accepted_length(self) -> float:
         return self.new_tokens / self.rounds if self.rounds else 0.0
 
@@ -79,6 +87,7 @@ class GenerationStats:
         d.update(
             acceptance_rate=self.acceptance_rate,
             mean_accepted_length=self.mean_accepted_length,
+            rounds_without_drafting=self.rounds_without_drafting,
             tokens_per_s=self.tokens_per_s,
         )
         return d
@@ -194,4 +203,5 @@ def generate_tokens(
     stats.new_tokens = len(out)
     stats.total_s = time.perf_counter() - t0
     stats.stages = round.stage_stats() + [target.stats]
+    round.finish()
     return out, stats

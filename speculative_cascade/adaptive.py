@@ -1,0 +1,257 @@
+"""The adaptive round: before each verification it chooses how many drafted tokens the target
+checks (``k``, 0 = plain decoding), from what this generation has measured so far.
+
+The choice maximises the expected rate of one round (the cost model's closed form,
+``cost/analytic.py``): ``E(k) / (D(k) + T(k + 1))``, where
+
+* ``E(k) = 1 + sum_{i<k} P_i`` tokens come out of a round (``P_i``: positions ``0..i`` all accepted),
+  from the acceptance seen in this generation per position, over a prior;
+* ``D(k)`` is the drafting time (``k`` times the drafter's measured cost per token; a drafter
+  that is a lookup, such as MaG, proposes first at almost no cost, and ``k`` is then chosen
+  among the tokens it proposed);
+* ``T(n)`` is the target's forward over ``n`` tokens, measured in the loop; where ``n`` has not
+  been measured yet, the measured one-token time times a ratio ``T(n) / T(1)`` from the
+  calibration cache of this machine, else the prior below.
+
+Losslessness: ``k`` is chosen from tokens already emitted and from timings, never from the
+target's scores of the tokens it is about to verify, and verification itself is unchanged. A
+greedy round of any ``k`` emits the target's own next tokens, so the output is the target's
+greedy output; with sampling, speculative sampling of any ``k`` fixed before the target's
+scores are drawn emits tokens distributed exactly as the target's, so a ``k`` chosen from the
+past keeps every token's distribution exact (the stopping rule is independent of the future).
+
+The calibration cache (:class:`Calibration`) keeps, per model, CPU and kernel variant, the
+target's ``T(n) / T(1)`` and each drafter's acceptance by position, so that a later run
+starts from what earlier ones measured; each generation updates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cascade import Round, RoundResult, target_scores
+from .errors import CascadeError
+from .sampling import SamplingParams, warp
+from .stages.base import Drafter, Reviewer, StageStats
+from .verify import verify_greedy, verify_sampling
+
+PRIOR_SLOPE = 0.25  # T(n) / T(1) = 1 + PRIOR_SLOPE (n - 1) before anything is measured
+PRIOR_ACCEPT = (1.0, 1.0)  # Beta(a, b) prior of each position's acceptance, given the ones before it
+PRIOR_WEIGHT = 16.0  # most pseudo-counts a cached acceptance carries into a new generation
+EMA = 0.2  # weight of a new timing of the drafter in its running mean
+TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
+PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
+
+
+@dataclass
+class Calibration:
+    """What this machine measured for one target: ``ratios[n] = T(n) / T(1)`` and, per drafter, the
+    accepted and tried counts by position. Stored as JSON under the cache directory."""
+
+    key: str
+    ratios: dict[int, float] = field(default_factory=dict)
+    acceptance: dict[str, list[list[float]]] = field(default_factory=dict)  # drafter -> [[accepted, tried], ...]
+    path: Path | None = None
+
+    @staticmethod
+    def key_for(target, cpu: str, kernel: str) -> str:
+        """The cache key: the model (its shape, weight format and bytes) and the machine (CPU, kernels)."""
+        args = getattr(target, "args", None)
+        ident = {
+            "model": repr(args) if args is not None else type(target).__name__,
+            "format": getattr(target, "weight_format", ""),
+            "bytes": int(getattr(target, "decode_bytes", 0) or 0),
+            "vocab": int(getattr(target, "vocab_size", 0) or 0),
+            "cpu": cpu,
+            "kernel": kernel,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, folder: Path, key: str) -> "Calibration":
+        path = folder / f"adaptive-{key}.json"
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") != key:
+                raise ValueError("key")
+            ratios = {int(n): float(r) for n, r in data.get("ratios", {}).items() if float(r) > 0}
+            acc = {
+                str(name): [[float(a), float(t)] for a, t in rows]
+                for name, rows in data.get("acceptance", {}).items()
+            }
+            return cls(key, ratios, acc, path)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return cls(key, path=path)  # none yet, or unreadable: start from the prior
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            body = {"key": self.key, "ratios": self.ratios, "acceptance": self.acceptance}
+            tmp.write_text(json.dumps(body, indent=1))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only cache directory only costs the next run its head start
+
+    def ratio(self, n: int) -> float:
+        if n <= 1:
+            return 1.0
+        if n in self.ratios:
+            return self.ratios[n]
+        known = sorted(self.ratios)
+        if known:  # linear in n through the largest measured point
+            m = known[-1] if known[-1] < n else min(k for k in known if k > n)
+            return 1.0 + (self.ratios[m] - 1.0) * (n - 1) / (m - 1)
+        return 1.0 + PRIOR_SLOPE * (n - 1)
+
+
+class AdaptiveRound(Round):
+    """A chain round whose draft length is chosen before each verification (see the module docstring).
+
+    ``k_max``: most tokens a round verifies; ``lookup``: the drafter costs a lookup (MaG), so it
+    proposes ``k_max`` first and ``k`` is chosen among its proposal; otherwise ``k`` is chosen first
+    and the drafter drafts exactly that many."""
+
+    def __init__(
+        self, drafter: Drafter, k_max: int, *, lookup: bool, name: str = "draft", calibration: Calibration | None = None
+    ) -> None:
+        if k_max < 1:
+            raise CascadeError(f"k must be >= 1, got {k_max}")
+        self.drafter, self.k, self.lookup, self.name = drafter, k_max, lookup, name
+        self.calibration = calibration
+        self.chosen: list[int] = []  # k of each round of the current generation
+        self._reset_estimates()
+
+    def _reset_estimates(self) -> None:
+        self.times: dict[int, deque] = {}  # n -> the target's last forwards over n tokens (seconds)
+        self.draft_token_s: float | None = None  # the drafter's seconds per drafted token
+        prior = self.calibration.acceptance.get(self.name, []) if self.calibration else []
+        self.acc = [[0.0, 0.0] for _ in range(self.k)]  # position -> [accepted, tried]
+        for i, (a, t) in enumerate(prior[: self.k]):
+            w = min(1.0, PRIOR_WEIGHT / t) if t > 0 else 0.0
+            self.acc[i] = [a * w, t * w]
+        self.idle = 0  # rounds since the last one that drafted
+
+    # -- the round interface ------------------------------------------------------------------
+    def reset(self) -> None:
+        self.drafter.reset()
+        self.chosen = []
+        self._reset_estimates()
+
+    def after_prefill(self, target: Reviewer, n: int) -> None:
+        self.drafter.share_prefix(target, n)
+
+    def commit(self, n: int) -> None:
+        self.drafter.commit(n)
+
+    def stage_stats(self) -> list[StageStats]:
+        return self.drafter.all_stats()
+
+    def finish(self) -> None:
+        """The generation ended: fold what it measured into the calibration cache."""
+        cal = self.calibration
+        if cal is None:
+            return
+        t1 = self.measured(1)
+        if t1:
+            for n in self.times:
+                tn = self.measured(n)
+                if n > 1 and tn:
+                    cal.ratios[n] = tn / t1
+        rows = cal.acceptance.setdefault(self.name, [])
+        rows.extend([0.0, 0.0] for _ in range(len(self.acc) - len(rows)))
+        for i, (a, t) in enumerate(self.acc):
+            rows[i] = [a, t]
+        cal.save()
+
+    # -- the choice ---------------------------------------------------------------------------
+    def measured(self, n: int, least: int = 3) -> float | None:
+        """The target's forward over ``n`` tokens: the median of the last ones, once there are ``least``."""
+        times = self.times.get(n)
+        return statistics.median(times) if times is not None and len(times) >= least else None
+
+    def target_cost(self, n: int) -> float:
+        tn = self.measured(n)
+        if tn is not None:
+            return tn
+        t1 = self.measured(1, least=1)
+        if t1 is None:  # nothing measured yet: in units of T(1)
+            t1 = 1.0
+        return t1 * (self.calibration.ratio(n) if self.calibration else 1.0 + PRIOR_SLOPE * (n - 1))
+
+    def acceptance(self, i: int) -> float:
+        """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""
+        a, t = self.acc[i]
+        return (PRIOR_ACCEPT[0] + a) / (PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1] + t)
+
+    def expected_rate(self, k: int) -> float:
+        """Expected tokens per second of a round verifying ``k`` drafted tokens."""
+        tokens, survive = 1.0, 1.0
+        for i in range(k):
+            survive *= self.acceptance(i)
+            tokens += survive
+        draft = 0.0 if self.lookup else k * (self.draft_token_s or 0.0)
+        return tokens / (draft + self.target_cost(k + 1))
+
+    def choose(self, most: int) -> int:
+        """The ``k`` in ``0..most`` of the highest expected rate; one token now and then after long idling."""
+        best = max(range(most + 1), key=lambda k: (self.expected_rate(k), -k))
+        if best == 0 and most > 0 and self.idle >= PROBE_EVERY:
+            best = 1
+        return best
+
+    # -- one round ----------------------------------------------------------------------------
+    def run(self, target, ids, budget, params, generator) -> RoundResult:
+        most = min(self.k, budget)
+        draft: list[int] = []
+        q = None
+        draft_s = 0.0
+        if most > 0:
+            t1 = time.perf_counter()
+            if self.lookup:
+                draft, q = self.drafter.propose(ids, most, params, generator)
+                k = self.choose(len(draft[:most]))
+                draft, q = draft[:k], (q[:k] if q is not None else None)
+            else:
+                k = self.choose(most)
+                if k:
+                    draft, q = self.drafter.propose(ids, k, params, generator)
+                    draft = draft[:k]
+                    q = q[: len(draft)] if q is not None else None
+            draft_s = time.perf_counter() - t1
+            if draft and not self.lookup:
+                per = draft_s / len(draft)
+                self.draft_token_s = per if self.draft_token_s is None else (1 - EMA) * self.draft_token_s + EMA * per
+        t1 = time.perf_counter()
+        logits = target_scores(target, ids, draft)  # (len(draft) + 1, V)
+        n, nxt = self._verify(draft, q, logits, params, generator)
+        verify_s = time.perf_counter() - t1
+        self._learn(len(draft), n, verify_s)
+        if draft:
+            self.drafter.feedback(n)
+        self.chosen.append(len(draft))
+        return RoundResult(draft[:n] + [nxt], len(draft), n, most, draft_s, verify_s)
+
+    @staticmethod
+    def _verify(draft, q, logits: torch.Tensor, params: SamplingParams, generator):
+        if params.greedy:
+            return verify_greedy(draft, logits)
+        return verify_sampling(draft, q, warp(logits, params), generator)
+
+    def _learn(self, k: int, accepted: int, verify_s: float) -> None:
+        self.times.setdefault(k + 1, deque(maxlen=TIMINGS)).append(verify_s)
+        for i in range(min(k, accepted + 1)):  # positions tried: up to the first rejection
+            self.acc[i][1] += 1
+            self.acc[i][0] += i < accepted
+        self.idle = 0 if k else self.idle + 1
