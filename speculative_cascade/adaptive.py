@@ -60,6 +60,8 @@ class Calibration:
     key: str
     ratios: dict[int, float] = field(default_factory=dict)
     acceptance: dict[str, list[list[float]]] = field(default_factory=dict)  # drafter -> [[accepted, tried], ...]
+    t1: float | None = None  # the target's one-token forward, seconds
+    draft_token_s: dict[str, float] = field(default_factory=dict)  # drafter -> seconds per drafted token
     path: Path | None = None
 
     @staticmethod
@@ -88,7 +90,9 @@ class Calibration:
                 str(name): [[float(a), float(t)] for a, t in rows]
                 for name, rows in data.get("acceptance", {}).items()
             }
-            return cls(key, ratios, acc, path)
+            t1 = float(data["t1"]) if data.get("t1") else None
+            per = {str(k): float(v) for k, v in data.get("draft_token_s", {}).items()}
+            return cls(key, ratios, acc, t1, per, path)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return cls(key, path=path)  # none yet, or unreadable: start from the prior
 
@@ -98,7 +102,13 @@ class Calibration:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            body = {"key": self.key, "ratios": self.ratios, "acceptance": self.acceptance}
+            body = {
+                "key": self.key,
+                "ratios": self.ratios,
+                "acceptance": self.acceptance,
+                "t1": self.t1,
+                "draft_token_s": self.draft_token_s,
+            }
             tmp.write_text(json.dumps(body, indent=1))
             tmp.replace(self.path)
         except OSError:
@@ -135,8 +145,10 @@ class AdaptiveRound(Round):
 
     def _reset_estimates(self) -> None:
         self.times: dict[int, deque] = {}  # n -> the target's last forwards over n tokens (seconds)
-        self.draft_token_s: float | None = None  # the drafter's seconds per drafted token
-        prior = self.calibration.acceptance.get(self.name, []) if self.calibration else []
+        cal = self.calibration
+        self.draft_token_s: float | None = cal.draft_token_s.get(self.name) if cal else None  # seconds a token
+        self.t1_prior = cal.t1 if cal else None  # the target's one-token forward, until measured here
+        prior = cal.acceptance.get(self.name, []) if cal else []
         self.acc = [[0.0, 0.0] for _ in range(self.k)]  # position -> [accepted, tried]
         for i, (a, t) in enumerate(prior[: self.k]):
             w = min(1.0, PRIOR_WEIGHT / t) if t > 0 else 0.0
@@ -165,6 +177,7 @@ class AdaptiveRound(Round):
             return
         t1 = self.measured(1)
         if t1:
+            cal.t1 = t1
             for n in self.times:
                 tn = self.measured(n)
                 if n > 1 and tn:
@@ -173,6 +186,8 @@ class AdaptiveRound(Round):
         rows.extend([0.0, 0.0] for _ in range(len(self.acc) - len(rows)))
         for i, (a, t) in enumerate(self.acc):
             rows[i] = [a, t]
+        if self.draft_token_s is not None:
+            cal.draft_token_s[self.name] = self.draft_token_s
         cal.save()
 
     # -- the choice ---------------------------------------------------------------------------
@@ -185,7 +200,7 @@ class AdaptiveRound(Round):
         tn = self.measured(n)
         if tn is not None:
             return tn
-        t1 = self.measured(1, least=1)
+        t1 = self.measured(1, least=1) or self.t1_prior
         if t1 is None:  # nothing measured yet: in units of T(1)
             t1 = 1.0
         return t1 * (self.calibration.ratio(n) if self.calibration else 1.0 + PRIOR_SLOPE * (n - 1))
