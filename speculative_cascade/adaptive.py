@@ -114,6 +114,13 @@ class Calibration:
         except OSError:
             pass  # a read-only cache directory only costs the next run its head start
 
+    def refine(self, cost) -> None:
+        """Take the target's ``T(n) / T(1)`` and ``T(1)`` from a calibrated ``cost.analytic.ForwardCost``."""
+        t1 = cost(1)
+        if t1 > 0:
+            self.t1 = t1
+            self.ratios.update({n: cost(n) / t1 for n, _ in cost.points if n > 1})
+
     def ratio(self, n: int) -> float:
         if n <= 1:
             return 1.0

@@ -383,6 +383,17 @@ def tune(
             f"({result.predicted_tokens_per_s / result.predicted_ar_tokens_per_s:.2f}x autoregressive)"
         )
     typer.echo(f"wrote {out} in {result.seconds:.0f} s; use it with: cascade generate --config {out} PROMPT")
+    from .builder import calibration  # heavy (torch): imported when the command runs
+
+    with _user_errors():
+        cal = calibration(gen.target)
+        before = dict(cal.ratios)
+        cal.refine(result.target_cost)
+        cal.save()
+    changes = ", ".join(
+        f"n={n}: {before[n]:.2f} -> {r:.2f}" if n in before else f"n={n}: {r:.2f}" for n, r in sorted(cal.ratios.items())
+    )
+    typer.echo(f"adaptive calibration {cal.path}: target T(n)/T(1) {changes}")
 
 
 class console_status:

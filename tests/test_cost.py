@@ -77,7 +77,7 @@ def test_calibration_measures_what_the_stage_costs():
     assert all(s > 0 for _, s in real.points) and stage.runner.length == 38 + 3
 
 
-def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
+def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path, monkeypatch):
     import json
 
     from typer.testing import CliRunner
@@ -85,6 +85,7 @@ def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
     from speculative_cascade.cli import app
     from speculative_cascade.config import load_cascade
 
+    monkeypatch.setenv("SPECULATIVE_CASCADE_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "p.txt"
     prompts.write_text("the quick brown fox\nhello world\n")
     out = tmp_path / "c.toml"
@@ -94,6 +95,10 @@ def test_tune_writes_a_config_that_generate_reads(tiny_model_dir, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "predicted" in r.stdout and out.is_file()
+    # tune refines the adaptive default's calibration cache and says so
+    cache = list((tmp_path / "cache").glob("adaptive-*.json"))
+    assert len(cache) == 1 and "adaptive calibration" in r.stdout and "n=9:" in r.stdout
+    assert json.loads(cache[0].read_text())["t1"] > 0
     cfg = load_cascade(out)  # a configuration, or None when plain decoding is predicted fastest
     base = ["generate", "the quick brown fox", "-t", str(tiny_model_dir), "-n", "12", "--no-chat", "--json"]
     tuned = json.loads(runner.invoke(app, [*base, "--config", str(out)]).stdout)
