@@ -76,6 +76,8 @@ class MethodReport:
     acceptance_by_position: list[float] | None = None
     time_draft_s: float | None = None
     time_verify_s: float | None = None
+    rounds_by_draft_length: list[int] | None = None  # [k]: rounds that verified k drafted tokens
+    rounds_without_drafting: float | None = None  # share of the rounds (an adaptive method's plain steps)
     stages: list[StageTotals] | None = None
     predicted: Prediction | None = None
     predicted_decode_tokens_per_s: float | None = None
@@ -161,6 +163,9 @@ def _add_acceptance(m: MethodReport, stats: list[dict]) -> None:
     while dr and not dr[-1]:  # positions the token budget allowed but nothing drafted
         dr.pop()
     m.acceptance_by_position = [a / d if d else 0.0 for a, d in zip(acc, dr)]
+    lengths = [s.get("rounds_by_draft_length", []) for s in stats]
+    m.rounds_by_draft_length = [sum(c[i] for c in lengths if i < len(c)) for i in range(max(map(len, lengths)))]
+    m.rounds_without_drafting = m.rounds_by_draft_length[0] / rounds if rounds and m.rounds_by_draft_length else None
     m.time_draft_s = sum(s["draft_s"] for s in stats)
     m.time_verify_s = sum(s["verify_s"] for s in stats)
     m.stages = stage_totals(stats)
