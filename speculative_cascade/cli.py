@@ -170,7 +170,7 @@ def generate(
 ) -> None:
     """Generate text, streaming it as it is accepted, then a one-line summary.
 
-    With no cascade options the embedded model runs the fastest cascade measured for it."""
+    With no cascade options the target runs its default cascade, adaptive (see docs/cascade.md)."""
     from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
 
     try:
