@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .formats import PackedWeight, concat
+from .formats import Format, PackedWeight, concat
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -107,15 +107,36 @@ class ModelArgs:
         )
 
 
-class Linear(nn.Module):
+class PackedModule(nn.Module):
+    """A module whose weight is a :class:`PackedWeight` in any kernel format, with its fp32 view."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.use(PackedWeight.dense(torch.zeros(rows, cols)))
+
+    def use(self, packed: PackedWeight) -> None:
+        """Hold ``packed`` as the weight (the fp32 view of the previous one is dropped)."""
+        self.packed = packed
+        self._dense: torch.Tensor | None = None  # dequantized copy, made on demand
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fp32 weight: the stored tensor itself when it is fp32, else dequantized once on demand
+        (the PyTorch path, the tiny drafter's embeddings)."""
+        if self.packed.fmt == Format.F32:
+            return self.packed.data
+        if self._dense is None:
+            self._dense = self.packed.dequantize()
+        return self._dense
+
+
+class Linear(PackedModule):
     """``y = x @ W.T + b`` with ``W (N, K)`` a :class:`PackedWeight` in any kernel format."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
+        super().__init__(out_features, in_features)
         self.in_features, self.out_features = in_features, out_features
-        self.packed = PackedWeight.dense(torch.zeros(out_features, in_features))
         self.bias = torch.zeros(out_features) if bias else None
-        self._dense: torch.Tensor | None = None  # dequantized copy for the PyTorch path, made on demand
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> "Linear":
@@ -125,18 +146,8 @@ class Linear(nn.Module):
 
     def set(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         assert packed.shape == (self.out_features, self.in_features), "weight shape differs from the layer's"
-        self.packed = packed
+        self.use(packed)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self._dense = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The fp32 weight (the stored tensor itself when it is fp32)."""
-        if self.packed.fmt == 0:
-            return self.packed.data
-        if self._dense is None:
-            self._dense = self.packed.dequantize()
-        return self._dense
 
     def kernel_ready(self) -> bool:
         return self.in_features % 32 == 0
@@ -165,22 +176,11 @@ def sc_mat(packed: PackedWeight, bias: torch.Tensor | None) -> kernels.SCMat:
     return kernels.SCMat(int(packed.fmt), packed.group, N, K, f16, packed.data.data_ptr(), sm, b)
 
 
-class Embedding(nn.Module):
+class Embedding(PackedModule):
     """Token embeddings in any kernel format; a lookup dequantizes only the rows it reads."""
 
     def __init__(self, vocab_size: int, dim: int) -> None:
-        super().__init__()
-        self.packed = PackedWeight.dense(torch.zeros(vocab_size, dim))
-        self._dense: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The whole fp32 table (dequantized once on demand; the tiny drafter reads it)."""
-        if self.packed.fmt == 0:
-            return self.packed.data
-        if self._dense is None:
-            self._dense = self.packed.dequantize()
-        return self._dense
+        super().__init__(vocab_size, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.packed.rows(tokens)
@@ -528,8 +528,7 @@ class Transformer(nn.Module):
                 blk.ffn_norm.weight.copy_(vec(p + "post_attention_layernorm.weight"))
         with torch.no_grad():
             self.norm.weight.copy_(vec("model.norm.weight"))
-        self.tok_embeddings.packed = mat("model.embed_tokens.weight")
-        self.tok_embeddings._dense = None
+        self.tok_embeddings.use(mat("model.embed_tokens.weight"))
         if a.tie_embeddings or "lm_head.weight" not in sd:
             self.output.set(self.tok_embeddings.packed)  # tied: one tensor, read once
         else:
