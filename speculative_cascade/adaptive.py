@@ -36,13 +36,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
-from .cascade import Round, RoundResult, target_scores
+from .cascade import Round, RoundResult, draft_tokens, verify_chain
 from .errors import CascadeError
-from .sampling import SamplingParams, warp
 from .stages.base import Drafter, Reviewer, StageStats
-from .verify import verify_greedy, verify_sampling
 
 PRIOR_SLOPE = 0.25  # T(n) / T(1) = 1 + PRIOR_SLOPE (n - 1) before anything is measured
 PRIOR_ACCEPT = (1.0, 1.0)  # Beta(a, b) prior of each position's acceptance, given the ones before it
@@ -50,6 +47,11 @@ PRIOR_WEIGHT = 16.0  # most pseudo-counts a cached acceptance carries into a new
 EMA = 0.2  # weight of a new timing of the drafter in its running mean
 TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
 PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
+
+
+def prior_ratio(n: int) -> float:
+    """``T(n) / T(1)`` before anything was measured on this machine."""
+    return 1.0 + PRIOR_SLOPE * (n - 1)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class Calibration:
         if known:  # linear in n through the largest measured point
             m = known[-1] if known[-1] < n else min(k for k in known if k > n)
             return 1.0 + (self.ratios[m] - 1.0) * (n - 1) / (m - 1)
-        return 1.0 + PRIOR_SLOPE * (n - 1)
+        return prior_ratio(n)
 
 
 class AdaptiveRound(Round):
@@ -147,7 +149,6 @@ class AdaptiveRound(Round):
             raise CascadeError(f"k must be >= 1, got {k_max}")
         self.drafter, self.k, self.lookup, self.name = drafter, k_max, lookup, name
         self.calibration = calibration
-        self.chosen: list[int] = []  # k of each round of the current generation
         self._reset_estimates()
 
     def _reset_estimates(self) -> None:
@@ -165,7 +166,6 @@ class AdaptiveRound(Round):
     # -- the round interface ------------------------------------------------------------------
     def reset(self) -> None:
         self.drafter.reset()
-        self.chosen = []
         self._reset_estimates()
 
     def after_prefill(self, target: Reviewer, n: int) -> None:
@@ -210,7 +210,7 @@ class AdaptiveRound(Round):
         t1 = self.measured(1, least=1) or self.t1_prior
         if t1 is None:  # nothing measured yet: in units of T(1)
             t1 = 1.0
-        return t1 * (self.calibration.ratio(n) if self.calibration else 1.0 + PRIOR_SLOPE * (n - 1))
+        return t1 * (self.calibration.ratio(n) if self.calibration else prior_ratio(n))
 
     def acceptance(self, i: int) -> float:
         """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""
@@ -241,35 +241,25 @@ class AdaptiveRound(Round):
         draft_s = 0.0
         if most > 0:
             t1 = time.perf_counter()
-            if self.lookup:
-                draft, q = self.drafter.propose(ids, most, params, generator)
-                k = self.choose(len(draft[:most]))
+            if self.lookup:  # propose, then choose among the proposal
+                draft, q = draft_tokens(self.drafter, ids, most, params, generator)
+                k = self.choose(len(draft))
                 draft, q = draft[:k], (q[:k] if q is not None else None)
-            else:
+            else:  # choose, then draft that many
                 k = self.choose(most)
                 if k:
-                    draft, q = self.drafter.propose(ids, k, params, generator)
-                    draft = draft[:k]
-                    q = q[: len(draft)] if q is not None else None
+                    draft, q = draft_tokens(self.drafter, ids, k, params, generator)
             draft_s = time.perf_counter() - t1
             if draft and not self.lookup:
                 per = draft_s / len(draft)
                 self.draft_token_s = per if self.draft_token_s is None else (1 - EMA) * self.draft_token_s + EMA * per
         t1 = time.perf_counter()
-        logits = target_scores(target, ids, draft)  # (len(draft) + 1, V)
-        n, nxt = self._verify(draft, q, logits, params, generator)
+        n, nxt = verify_chain(target, ids, draft, q, params, generator)
         verify_s = time.perf_counter() - t1
         self._learn(len(draft), n, verify_s)
         if draft:
             self.drafter.feedback(n)
-        self.chosen.append(len(draft))
         return RoundResult(draft[:n] + [nxt], len(draft), n, most, draft_s, verify_s)
-
-    @staticmethod
-    def _verify(draft, q, logits: torch.Tensor, params: SamplingParams, generator):
-        if params.greedy:
-            return verify_greedy(draft, logits)
-        return verify_sampling(draft, q, warp(logits, params), generator)
 
     def _learn(self, k: int, accepted: int, verify_s: float) -> None:
         self.times.setdefault(k + 1, deque(maxlen=TIMINGS)).append(verify_s)

@@ -311,27 +311,40 @@ class ChainRound(Round):
         draft_s = 0.0
         if k > 0 and self.drafter is not None:
             t1 = time.perf_counter()
-            draft, q = self.drafter.propose(ids, k, params, generator)
-            draft = draft[:k]
-            q = q[: len(draft)] if q is not None else None
+            draft, q = draft_tokens(self.drafter, ids, k, params, generator)
             draft_s = time.perf_counter() - t1
         t1 = time.perf_counter()
-        logits = target_scores(target, ids, draft)  # (len(draft) + 1, V)
-        if params.greedy:
-            n, nxt = verify_greedy(draft, logits)
-        else:
-            n, nxt = verify_sampling(draft, q, warp(logits, params), generator)
+        n, nxt = verify_chain(target, ids, draft, q, params, generator)
         verify_s = time.perf_counter() - t1
         if draft and self.drafter is not None:
             self.drafter.feedback(n)
         return RoundResult(draft[:n] + [nxt], len(draft), n, k, draft_s, verify_s)
 
 
-def target_scores(target: Stage | TreeScorer, ids: list[int], draft: list[int]) -> torch.Tensor:
-    """The target's logits (len(draft) + 1, V) after ``ids[-1]`` and after each draft token."""
+def draft_tokens(
+    drafter: Drafter, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], torch.Tensor | None]:
+    """At most ``k`` tokens of ``drafter``'s proposal after ``ids``, with their ``q`` rows."""
+    draft, q = drafter.propose(ids, k, params, generator)
+    draft = draft[:k]
+    return draft, (q[: len(draft)] if q is not None else None)
+
+
+def verify_chain(
+    target: Stage | TreeScorer,
+    ids: list[int],
+    draft: list[int],
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """The target scores ``draft`` after ``ids`` in one forward; returns (accepted, recovered/bonus token)."""
     if not isinstance(target, Reviewer):
         raise CascadeError(f"the target stage {type(target).__name__} cannot verify drafts")
-    return target.score(ids, draft)
+    logits = target.score(ids, draft)  # (len(draft) + 1, V)
+    if params.greedy:
+        return verify_greedy(draft, logits)
+    return verify_sampling(draft, q, warp(logits, params), generator)
 
 
 class TreeRound(Round):
@@ -414,13 +427,7 @@ class TreeRound(Round):
         if not isinstance(target, TreeScorer):
             raise CascadeError(f"the target stage {target.name!r} cannot verify a tree")
         if budget < 1:
-            logits = target_scores(target, ids, [])
-            nxt = (
-                int(logits[0].argmax())
-                if params.greedy
-                else verify_sampling([], None, warp(logits, params), generator)[1]
-            )
-            return RoundResult([nxt], 0, 0, 0)
+            return RoundResult([verify_chain(target, ids, [], None, params, generator)[1]], 0, 0, 0)
         t1 = time.perf_counter()
         tokens, parents = self.tree_drafter.propose_tree(ids, self.n_nodes, self.width)
         if self.tree_filter is not None:

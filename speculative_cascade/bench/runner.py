@@ -90,9 +90,9 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     def encode(text: str) -> list[int]:
         return encode_prompt(loaded.tokenizer, text, use_chat)
 
-    rows = _encode_rows(rows, encode, max_len - settings.max_new_tokens - settings.k - 1, console)
+    limit = max_len - settings.max_new_tokens - settings.k - 1  # longest prompt that leaves room to generate
+    rows = _encode_rows(rows, encode, limit, console)
     if settings.predict or "auto" in settings.methods:
-        limit = max_len - settings.max_new_tokens - settings.k - 1
         held = [ids for ids in map(encode, held_out(settings.prompts, rows)) if len(ids) <= limit]
         ctx.calibration_prompts = held or [encode(t) for t in read_prompts(None)[:4]]
         # the workload the predictions are for: the benchmark's mean context while decoding
