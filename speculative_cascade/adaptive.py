@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .cascade import Round, RoundResult, draft_tokens, verify_chain
-from .errors import CascadeError
-from .stages.base import Drafter, Reviewer, StageStats
+from .cascade import ChainRound, Proposal, draft_tokens
+from .stages.base import Drafter
 
 PRIOR_SLOPE = 0.25  # T(n) / T(1) = 1 + PRIOR_SLOPE (n - 1) before anything is measured
 PRIOR_ACCEPT = (1.0, 1.0)  # Beta(a, b) prior of each position's acceptance, given the ones before it
@@ -135,7 +134,7 @@ class Calibration:
         return prior_ratio(n)
 
 
-class AdaptiveRound(Round):
+class AdaptiveRound(ChainRound):
     """A chain round whose draft length is chosen before each verification (see the module docstring).
 
     ``k_max``: most tokens a round verifies; ``lookup``: the drafter costs a lookup (MaG), so it
@@ -145,9 +144,9 @@ class AdaptiveRound(Round):
     def __init__(
         self, drafter: Drafter, k_max: int, *, lookup: bool, name: str = "draft", calibration: Calibration | None = None
     ) -> None:
-        if k_max < 1:
-            raise CascadeError(f"k must be >= 1, got {k_max}")
-        self.drafter, self.k, self.lookup, self.name = drafter, k_max, lookup, name
+        super().__init__(drafter, k_max)
+        self.source: Drafter = drafter
+        self.lookup, self.name = lookup, name
         self.calibration = calibration
         self._reset_estimates()
 
@@ -165,17 +164,8 @@ class AdaptiveRound(Round):
 
     # -- the round interface ------------------------------------------------------------------
     def reset(self) -> None:
-        self.drafter.reset()
+        super().reset()
         self._reset_estimates()
-
-    def after_prefill(self, target: Reviewer, n: int) -> None:
-        self.drafter.share_prefix(target, n)
-
-    def commit(self, n: int) -> None:
-        self.drafter.commit(n)
-
-    def stage_stats(self) -> list[StageStats]:
-        return self.drafter.all_stats()
 
     def finish(self) -> None:
         """The generation ended: fold what it measured into the calibration cache."""
@@ -234,32 +224,30 @@ class AdaptiveRound(Round):
         return best
 
     # -- one round ----------------------------------------------------------------------------
-    def run(self, target, ids, budget, params, generator) -> RoundResult:
+    def propose(self, ids, budget, params, generator) -> Proposal:
         most = min(self.k, budget)
+        if most <= 0:
+            return Proposal([], None, max(most, 0))
         draft: list[int] = []
         q = None
-        draft_s = 0.0
-        if most > 0:
-            t1 = time.perf_counter()
-            if self.lookup:  # propose, then choose among the proposal
-                draft, q = draft_tokens(self.drafter, ids, most, params, generator)
-                k = self.choose(len(draft))
-                draft, q = draft[:k], (q[:k] if q is not None else None)
-            else:  # choose, then draft that many
-                k = self.choose(most)
-                if k:
-                    draft, q = draft_tokens(self.drafter, ids, k, params, generator)
-            draft_s = time.perf_counter() - t1
-            if draft and not self.lookup:
-                per = draft_s / len(draft)
-                self.draft_token_s = per if self.draft_token_s is None else (1 - EMA) * self.draft_token_s + EMA * per
         t1 = time.perf_counter()
-        n, nxt = verify_chain(target, ids, draft, q, params, generator)
-        verify_s = time.perf_counter() - t1
-        self._learn(len(draft), n, verify_s)
-        if draft:
-            self.drafter.feedback(n)
-        return RoundResult(draft[:n] + [nxt], len(draft), n, most, draft_s, verify_s)
+        if self.lookup:  # propose, then choose among the proposal
+            draft, q = draft_tokens(self.source, ids, most, params, generator)
+            k = self.choose(len(draft))
+            draft, q = draft[:k], (q[:k] if q is not None else None)
+        else:  # choose, then draft that many
+            k = self.choose(most)
+            if k:
+                draft, q = draft_tokens(self.source, ids, k, params, generator)
+        draft_s = time.perf_counter() - t1
+        if draft and not self.lookup:
+            per = draft_s / len(draft)
+            self.draft_token_s = per if self.draft_token_s is None else (1 - EMA) * self.draft_token_s + EMA * per
+        return Proposal(draft, q, most, draft_s)
+
+    def settle(self, proposal: Proposal, accepted: int, verify_s: float) -> None:
+        self._learn(len(proposal.tokens), accepted, verify_s)
+        super().settle(proposal, accepted, verify_s)
 
     def _learn(self, k: int, accepted: int, verify_s: float) -> None:
         self.times.setdefault(k + 1, deque(maxlen=TIMINGS)).append(verify_s)

@@ -281,8 +281,24 @@ class Round(ABC):
         """Draft at most ``budget`` positions after ``ids``, verify them with ``target`` in one forward."""
 
 
+@dataclass
+class Proposal:
+    """A chain round's draft, before the target has seen it."""
+
+    tokens: list[int]
+    q: torch.Tensor | None  # the drafter's distributions (sampling), None for greedy or deterministic drafts
+    budget: int  # positions the round could have drafted
+    draft_s: float = 0.0
+
+    def result(self, accepted: int, nxt: int, verify_s: float) -> RoundResult:
+        return RoundResult(self.tokens[:accepted] + [nxt], len(self.tokens), accepted, self.budget, self.draft_s, verify_s)
+
+
 class ChainRound(Round):
-    """The target verifies ``k`` tokens of ``drafter`` (None: autoregressive) in one forward."""
+    """The target verifies ``k`` tokens of ``drafter`` (None: autoregressive) in one forward.
+
+    A round is :meth:`propose`, the target's scores of the proposal (:func:`verify_chain`, or one
+    forward shared by several sequences), and :meth:`settle`."""
 
     def __init__(self, drafter: Drafter | None = None, k: int = 0) -> None:
         if drafter is not None and k < 1:
@@ -304,21 +320,28 @@ class ChainRound(Round):
     def stage_stats(self) -> list[StageStats]:
         return self.drafter.all_stats() if self.drafter is not None else []
 
-    def run(self, target, ids, budget, params, generator) -> RoundResult:
+    def propose(self, ids: list[int], budget: int, params: SamplingParams, generator) -> Proposal:
+        """Draft at most ``min(k, budget)`` tokens after ``ids``."""
         k = min(self.k, budget)
-        draft: list[int] = []
-        q = None
-        draft_s = 0.0
-        if k > 0 and self.drafter is not None:
-            t1 = time.perf_counter()
-            draft, q = draft_tokens(self.drafter, ids, k, params, generator)
-            draft_s = time.perf_counter() - t1
+        if k <= 0 or self.drafter is None:
+            return Proposal([], None, max(k, 0))
         t1 = time.perf_counter()
-        n, nxt = verify_chain(target, ids, draft, q, params, generator)
+        draft, q = draft_tokens(self.drafter, ids, k, params, generator)
+        return Proposal(draft, q, k, time.perf_counter() - t1)
+
+    def settle(self, proposal: Proposal, accepted: int, verify_s: float) -> None:
+        """The target accepted ``accepted`` of the proposal's tokens, in a forward of ``verify_s`` seconds
+        (this sequence's share of it when several shared the forward)."""
+        if proposal.tokens and self.drafter is not None:
+            self.drafter.feedback(accepted)
+
+    def run(self, target, ids, budget, params, generator) -> RoundResult:
+        prop = self.propose(ids, budget, params, generator)
+        t1 = time.perf_counter()
+        n, nxt = verify_chain(target, ids, prop.tokens, prop.q, params, generator)
         verify_s = time.perf_counter() - t1
-        if draft and self.drafter is not None:
-            self.drafter.feedback(n)
-        return RoundResult(draft[:n] + [nxt], len(draft), n, k, draft_s, verify_s)
+        self.settle(prop, n, verify_s)
+        return prop.result(n, nxt, verify_s)
 
 
 def draft_tokens(
@@ -341,7 +364,13 @@ def verify_chain(
     """The target scores ``draft`` after ``ids`` in one forward; returns (accepted, recovered/bonus token)."""
     if not isinstance(target, Reviewer):
         raise CascadeError(f"the target stage {type(target).__name__} cannot verify drafts")
-    logits = target.score(ids, draft)  # (len(draft) + 1, V)
+    return accept(draft, target.score(ids, draft), q, params, generator)
+
+
+def accept(
+    draft: list[int], logits: torch.Tensor, q: torch.Tensor | None, params: SamplingParams, generator
+) -> tuple[int, int]:
+    """Verify ``draft`` against the target's ``logits`` ``(len(draft) + 1, V)``: (accepted, recovered/bonus token)."""
     if params.greedy:
         return verify_greedy(draft, logits)
     return verify_sampling(draft, q, warp(logits, params), generator)

@@ -221,6 +221,67 @@ def generate(
 
 
 @app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    draft: Optional[str] = typer.Option(None, "--draft", "-d", help=DRAFT_HELP),
+    cascade: Optional[Path] = typer.Option(None, "--cascade", "--config", "-c", help=CASCADE_HELP),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Drafting stages smallest first, e.g. 'mag,int8'."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="'chain' (batched) or 'tree' (runs alone)."),
+    k: Optional[str] = typer.Option(None, "--k", "-k", help="Draft tokens per review, one per stage: '8' or '2,8'."),
+    k_matrix: Optional[str] = typer.Option(None, "--k-matrix", help="CSD k_matrix, e.g. '6,3;0,2' (increments)."),
+    lenience: Optional[float] = typer.Option(None, help="CSD lenience below the target (greedy only)."),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--fixed", help="Chain: choose k per round."),
+    max_len: int = typer.Option(2048, "--max-len", help="KV-cache size per sequence, in tokens."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most sequences verified in one target forward."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Most requests waiting for a row (then 429)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="CASCADE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."
+    ),
+    model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model name clients use."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="SIGTERM: seconds to let running requests end."),
+) -> None:
+    """Serve the target over an OpenAI-compatible HTTP API, batching every running request's rounds.
+
+    Same model and cascade options as generate; see docs/serving.md."""
+    try:
+        import uvicorn  # the optional 'serve' dependencies: uvicorn, fastapi, prometheus-client
+
+        from .serve import create_app, model_name_for
+    except ImportError as e:
+        _fail(f"cascade serve needs its extra dependencies ({e.name} is missing): pip install 'speculative-cascade[serve]'")
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
+
+    if not 0 < port < 65536:
+        _fail(f"--port must be in 1..65535, got {port}")
+    with _user_errors():
+        config, draft_model, draft_k = _plan(
+            cascade, stages, mode, k, k_matrix, lenience, None, None, None, adaptive, draft
+        )
+        if config is None and draft_model not in (None, "default"):  # --draft X: the two-stage cascade X -> target
+            config = CascadeConfig(stages=(draft_model,), k=(draft_k,))
+        gen = SpeculativeGenerator(
+            target, draft_model if draft_model == "default" else None, max_len=max_len, cascade=config,
+            precision=precision,
+        )
+        name = model_name or model_name_for(target)
+        app_ = create_app(gen, model_name=name, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                          drain_timeout=drain_timeout)
+    from .engine import kernels  # heavy (torch): imported when the command runs
+
+    kern = kernels.get()
+    desc = gen.config.describe() if gen.config is not None else "plain decoding"
+    typer.echo(
+        f"serving {name} on http://{host}:{port}/v1 (cascade: {desc}; kernels: "
+        f"{kern.variant if kern else 'torch'} on {kernels.cpu_name()}; max batch {max_batch})",
+        err=True,
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout))
+
+
+@app.command()
 def info(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
     draft: str = typer.Option("int8", "--draft", "-d", help=DRAFT_HELP),

@@ -141,6 +141,90 @@ class StopChecker:
         return found
 
 
+class Decoder:
+    """One sequence's decoding, a round at a time: the state of :func:`generate_tokens`'s loop.
+
+    ``start()`` prefills the target; then, until ``done``, a round over ``ids`` with ``budget``
+    is run (``round.run``, or several sequences' chain rounds sharing one target forward, see
+    ``serve/batching.py``) and its result handed to :meth:`absorb`; ``finish()`` returns the
+    new token ids and the statistics."""
+
+    def __init__(
+        self,
+        target: ModelStage,
+        prompt_ids: list[int],
+        round: Round | None = None,
+        *,
+        max_new_tokens: int = 128,
+        params: SamplingParams = SamplingParams(),
+        stop: StopChecker | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        self.round = round if round is not None else ChainRound()
+        check_context(len(prompt_ids), max_new_tokens, self.round.room - 1, target.max_len)
+        self.target, self.params, self.max_new_tokens, self.on_tokens = target, params, max_new_tokens, on_tokens
+        self.stop = stop or StopChecker(getattr(target.model, "eos_token_ids", ()))
+        self.generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else torch.seed()
+            self.generator = torch.Generator().manual_seed(seed)
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.ids = list(prompt_ids)
+        self.out: list[int] = []
+        self.done = False
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        """Prefill: the whole prompt but its last token, which every round feeds first."""
+        self._t0 = time.perf_counter()
+        self.target.reset()
+        self.round.reset()
+        if len(self.ids) > 1:
+            self.target.prefill(self.ids[:-1])
+            self.round.after_prefill(self.target, len(self.ids) - 1)
+        self.stats.prefill_s = time.perf_counter() - self._t0
+
+    @property
+    def budget(self) -> int:
+        """Most positions the next round may draft (its recovered/bonus token is one more)."""
+        return self.max_new_tokens - len(self.out) - 1
+
+    def step(self) -> list[int]:
+        """One round on this sequence alone; returns the tokens it made final."""
+        return self.absorb(self.round.run(self.target, self.ids, self.budget, self.params, self.generator))
+
+    def absorb(self, res: RoundResult) -> list[int]:
+        """Record a round's result, fix up the caches, apply stops; return the tokens made final."""
+        self.stats.record(res)
+        new = res.tokens
+        start = len(self.out)
+        self.out.extend(new)
+        self.ids.extend(new)
+        # The target saw ids up to the last accepted draft; its cache keeps exactly that.
+        self.target.commit(len(self.ids) - 1)
+        self.round.commit(len(self.ids) - 1)
+        cut = self.stop.cut(self.out, start)
+        if cut is not None:
+            keep, self.stats.stop_reason = cut
+            del self.out[keep:]
+            self.done = True
+        elif len(self.out) >= self.max_new_tokens:
+            del self.out[self.max_new_tokens :]
+            self.stats.stop_reason = "length"
+            self.done = True
+        final = self.out[start:]
+        if self.on_tokens and final:
+            self.on_tokens(final)
+        return final
+
+    def finish(self) -> tuple[list[int], GenerationStats]:
+        self.stats.new_tokens = len(self.out)
+        self.stats.total_s = time.perf_counter() - self._t0
+        self.stats.stages = self.round.stage_stats() + [self.target.stats]
+        self.round.finish()
+        return self.out, self.stats
+
+
 def generate_tokens(
     target: ModelStage,
     prompt_ids: list[int],
@@ -157,51 +241,8 @@ def generate_tokens(
     room); ``round``: a :class:`~.cascade.ChainRound` or :class:`~.cascade.TreeRound` (None:
     autoregressive decoding). ``on_tokens`` receives the new tokens of every round as they are final.
     """
-    round = round if round is not None else ChainRound()
-    check_context(len(prompt_ids), max_new_tokens, round.room - 1, target.max_len)
-    stop = stop or StopChecker(getattr(target.model, "eos_token_ids", ()))
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-    target.reset()
-    round.reset()
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
-    ids = list(prompt_ids)
-    out: list[int] = []
-    t0 = time.perf_counter()
-
-    # Prefill: the whole prompt but its last token, which every round feeds first.
-    if len(ids) > 1:
-        target.prefill(ids[:-1])
-        round.after_prefill(target, len(ids) - 1)
-    stats.prefill_s = time.perf_counter() - t0
-    while len(out) < max_new_tokens:
-        res = round.run(target, ids, max_new_tokens - len(out) - 1, params, generator)
-        stats.record(res)
-        new = res.tokens
-        start = len(out)
-        out.extend(new)
-        ids.extend(new)
-        # The target saw ids up to the last accepted draft; its cache keeps exactly that.
-        target.commit(len(ids) - 1)
-        round.commit(len(ids) - 1)
-        cut = stop.cut(out, start)
-        if cut is not None:
-            keep, stats.stop_reason = cut
-            del out[keep:]
-            if on_tokens and keep > start:
-                on_tokens(out[start:keep])
-            break
-        if len(out) >= max_new_tokens:
-            del out[max_new_tokens:]
-            stats.stop_reason = "length"
-            if on_tokens:
-                on_tokens(out[start:])
-            break
-        if on_tokens:
-            on_tokens(new)
-    stats.new_tokens = len(out)
-    stats.total_s = time.perf_counter() - t0
-    stats.stages = round.stage_stats() + [target.stats]
-    round.finish()
-    return out, stats
+    dec = Decoder(target, prompt_ids, round, max_new_tokens=max_new_tokens, params=params, stop=stop, on_tokens=on_tokens)
+    dec.start()
+    while not dec.done:
+        dec.step()
+    return dec.finish()

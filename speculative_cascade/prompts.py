@@ -83,10 +83,17 @@ def held_out(path, rows) -> list[str]:
 def encode(tokenizer, text: str, chat: bool) -> list[int]:
     """Token ids of ``text``; with ``chat``, wrapped in the tokenizer's chat template as one user turn."""
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CascadeError("this tokenizer has no chat template; use chat=False")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(text, add_special_tokens=False)
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
     return tokenizer.encode(text)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation (``{"role", "content"}`` dicts) in the tokenizer's chat template,
+    ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CascadeError("this tokenizer has no chat template; use chat=False")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template's own checks raise anything (ValueError, jinja2 errors)
+        raise CascadeError(f"the chat template rejected the messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)

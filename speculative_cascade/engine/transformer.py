@@ -363,6 +363,46 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self._full_vocab(self.output.forward(self.norm.forward(x)).float())
 
+    @torch.inference_mode()
+    def forward_batch(self, items: list[tuple[torch.Tensor, KVCache]], last_only: bool = False) -> list[torch.Tensor]:
+        """Several sequences in one forward: ``items`` are ``(tokens (T_i,), cache)`` pairs, each cache
+        one sequence's (batch size 1); returns each one's logits ``(T_i, V)`` (``(1, V)`` if last_only).
+
+        With the C kernels every weight is read once for all the sequences' tokens (continuous
+        batching), and each token's logits are bit-identical to a forward of its sequence alone.
+        Without them the sequences run one after the other."""
+        if not items:
+            return []
+        for tokens, cache in items:
+            assert cache.batch_size == 1, "forward_batch takes one cache per sequence"
+            assert cache.seqlens[0] + tokens.shape[0] <= cache.max_seq_len, "KV cache overflow"
+        fused = self._fused_layers(items[0][1])
+        strides = {cache.k.stride(0) for _, cache in items}
+        if fused is None or len(strides) > 1 or any(self._fused_layers(c) is None for _, c in items[1:]):
+            return [self.forward(t[None], c, last_only=last_only)[0] for t, c in items]
+        k, layers, dims, head = fused
+        n = len(items)
+        Ts = [int(t.shape[0]) for t, _ in items]
+        n_outs = [1 if last_only else T for T in Ts]
+        x = self.tok_embeddings(torch.cat([t for t, _ in items])).contiguous()  # (sum T, dim)
+        rot = torch.cat(
+            [self._rot_table(c.seqlens[0] + T)[c.seqlens[0] : c.seqlens[0] + T] for (_, c), T in zip(items, Ts)]
+        ).contiguous()
+        logits = torch.empty(sum(n_outs), self.output.out_features)
+        ints = ctypes.c_int * n
+        ptrs = ctypes.c_void_p * n
+        status = k.lib.sc_forward_batch(
+            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), n, ints(*Ts), rot.data_ptr(), None,
+            ptrs(*[c.k.data_ptr() for _, c in items]), ptrs(*[c.v.data_ptr() for _, c in items]), strides.pop(),
+            ints(*[c.seqlens[0] for _, c in items]), ints(*[c.max_seq_len for _, c in items]),
+            self.norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(), ints(*n_outs),
+        )
+        if status:
+            raise MemoryError("out of memory in the decoder kernels")
+        for T, (_, cache) in zip(Ts, items):
+            cache.advance(T)
+        return list(self._full_vocab(logits).split(n_outs))
+
     def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary; a draft with a reduced head gives -inf to the rest."""
         V = self.args.vocab_size

@@ -51,15 +51,20 @@ class ModelRunner:
 
         At least ``ids[-1]`` and ``extra`` are always fed, so the caller can slice the
         last ``len(extra) + 1`` rows."""
-        full = ids + list(extra) if extra else ids
+        full, tokens = self.prepare(ids, extra)
+        logits = self.model(tokens[None], self.cache, last_only=last_only)[0]
+        self.seq = full
+        return logits
+
+    def prepare(self, ids: list[int], extra=()) -> tuple[list[int], torch.Tensor]:
+        """Roll the cache back to what it shares with ``ids + extra``; return that sequence and the
+        tokens (T,) to feed (at least ``ids[-1]`` and ``extra``). Set ``seq`` to it after the forward."""
+        full = ids + list(extra) if extra else list(ids)
         n = min(self._common_prefix(full), len(ids) - 1)
         assert n >= 0, "nothing to feed"
         if n < self.length:
             self.cache.truncate(n)
-        tokens = torch.tensor([full[n:]], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, self.cache, last_only=last_only)[0]
-        self.seq = list(full)
-        return logits
+        return full, torch.tensor(full[n:], dtype=torch.long, device=self.device)
 
     def forward_tree(self, ids: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
         """Logits (N + 1, V) of ``ids[-1]`` and the N tree nodes after it.
@@ -203,3 +208,27 @@ class ModelStage(Stage, Reviewer, TreeScorer):
         mine.seqlens = [n] * mine.batch_size
         self.runner.seq = list(target.runner.seq[:n])
         return True
+
+
+def score_batch(stages: list[ModelStage], ids: list[list[int]], drafts: list[list[int]]) -> list[torch.Tensor]:
+    """:meth:`ModelStage.score` of several sequences in one forward (continuous batching).
+
+    ``stages`` share one model, each with its own cache (one sequence each). Returns each
+    sequence's logits ``(len(draft) + 1, V)``, bit-identical to scoring it alone with the C kernels.
+    Each stage is counted one forward, with the batch's time shared by its tokens."""
+    if not stages:
+        return []
+    model = stages[0].model
+    if any(st.model is not model for st in stages):
+        raise ValueError("score_batch needs stages of one model")
+    t0 = time.perf_counter()
+    prepared = [st.runner.prepare(i, d) for st, i, d in zip(stages, ids, drafts)]
+    logits = model.forward_batch([(tokens, st.runner.cache) for st, (_, tokens) in zip(stages, prepared)])
+    elapsed = time.perf_counter() - t0
+    total = sum(len(tokens) for _, tokens in prepared)
+    out = []
+    for st, (full, tokens), lg, d in zip(stages, prepared, logits, drafts):
+        st.runner.seq = full
+        st.count_call(len(tokens), elapsed * len(tokens) / total)
+        out.append(lg[-(len(d) + 1) :])
+    return out

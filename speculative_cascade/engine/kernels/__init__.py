@@ -118,6 +118,13 @@ class Kernels:
             ctypes.c_int,
         ]
         lib.sc_forward.restype = ctypes.c_int
+        P = ctypes.c_void_p
+        lib.sc_forward_batch.argtypes = [
+            ctypes.POINTER(SCLayer), ctypes.c_int, ctypes.POINTER(SCDims), P, ctypes.c_int, P,  # ..., x, n_seq, Ts
+            P, P, P, P, ctypes.c_longlong, P, P,  # rot, masks, kcs, vcs, layer_stride, starts, S_maxs
+            P, ctypes.POINTER(SCMat), P, P,  # norm_w, head, logits, n_outs
+        ]
+        lib.sc_forward_batch.restype = ctypes.c_int
         lib.sc_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
         lib.sc_stream_sum.restype = ctypes.c_float
         return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass())

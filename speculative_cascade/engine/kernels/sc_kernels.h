@@ -307,87 +307,101 @@ static inline int vis_slot(const int *vis_new, int T, int start, int t, int i) {
     return start + (vis_new ? vis_new[(size_t)t * T + (i - start)] : i - start);
 }
 
-/* Attention of one layer for T new tokens of one sequence (inside a parallel region).
+/* Where a batch's sequences are: for sequence s, its Ts[s] new tokens (rows off[s].. of the batch),
+ * its layer-0 cache kcs[s], vcs[s] (nkv, S_maxs[s], hd) with starts[s] slots filled, and the
+ * visible new slots of its tokens (vis_new[s], NULL: causal); per batch row t, its sequence seg[t]. */
+typedef struct {
+    const int *Ts, *off, *starts, *S_maxs, *seg;
+    float *const *kcs, *const *vcs;
+    int *const *vis_new;
+} sc_batch;
+
+/* Attention of one layer for the T new tokens of a batch (inside a parallel region).
  *   qkv (T, (nh + 2 nkv) hd), q and k rows in interleaved RoPE order; rot (T, hd / 2, 2) (cos, sin)
- *   kc, vc (nkv, S_max, hd): the layer's cache for this sequence; new tokens go to slots start + t
- *   q (T, nh, hd) scratch; part: T_BLOCK * nh * n_chunks * (hd + 2) floats; sc: this thread's
- *   group * KV_CHUNK floats; vis_new, n_vis: visible new slots and counts per token; out (T, nh hd) */
-static void attention(const float *qkv, const float *rot, float *kc, float *vc, float *q, float *part, float *sc,
-                      const int *vis_new, const int *n_vis, float *out, int T, int start, int S_max, int nh, int nkv,
-                      int hd) {
-    int width = (nh + 2 * nkv) * hd, half = hd / 2, group = nh / nkv;
-    int n_chunks = (start + T + KV_CHUNK - 1) / KV_CHUNK, stride = hd + 2;
+ *   layer_off: the layer's offset in every cache; new tokens go to slots start + t of their sequence
+ *   q (T, nh, hd) scratch; part: T_BLOCK * nh * max_chunks * (hd + 2) floats; sc: this thread's
+ *   group * KV_CHUNK floats; n_vis: visible slots per token; out (T, nh hd).
+ * Tokens are taken T_BLOCK at a time across sequences, so a batch of one-token sequences costs the
+ * barriers of one forward; each token's arithmetic is the same whatever its block. */
+static void attention(const float *qkv, const float *rot, const sc_batch *bt, size_t layer_off, float *q, float *part,
+                      float *sc, const int *n_vis, float *out, int T, int max_chunks, int nh, int nkv, int hd) {
+    int width = (nh + 2 * nkv) * hd, half = hd / 2, group = nh / nkv, stride = hd + 2;
     float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++) {
+        int s = bt->seg[t], tl = t - bt->off[s], start = bt->starts[s], S_max = bt->S_maxs[s];
+        float *kc = bt->kcs[s] + layer_off, *vc = bt->vcs[s] + layer_off;
         const float *row = qkv + (size_t)t * width, *r = rot + (size_t)t * hd;
         for (int h = 0; h < nh + nkv; h++) {
             const float *src = row + (size_t)h * hd;
-            float *dst = h < nh ? q + ((size_t)t * nh + h) * hd : kc + ((size_t)(h - nh) * S_max + start + t) * hd;
+            float *dst = h < nh ? q + ((size_t)t * nh + h) * hd : kc + ((size_t)(h - nh) * S_max + start + tl) * hd;
             for (int i = 0; i < half; i++) {
-                float a = src[2 * i], b = src[2 * i + 1], c = r[2 * i], s = r[2 * i + 1];
-                dst[2 * i] = a * c - b * s;
-                dst[2 * i + 1] = a * s + b * c;
+                float a = src[2 * i], b = src[2 * i + 1], c = r[2 * i], sn = r[2 * i + 1];
+                dst[2 * i] = a * c - b * sn;
+                dst[2 * i + 1] = a * sn + b * c;
             }
         }
         for (int g = 0; g < nkv; g++)
-            memcpy(vc + ((size_t)g * S_max + start + t) * hd, row + (size_t)(nh + nkv + g) * hd, hd * sizeof(float));
+            memcpy(vc + ((size_t)g * S_max + start + tl) * hd, row + (size_t)(nh + nkv + g) * hd, hd * sizeof(float));
     }
     for (int t0 = 0; t0 < T; t0 += T_BLOCK) {
         int tb = T - t0 < T_BLOCK ? T - t0 : T_BLOCK;
 #pragma omp for schedule(static)
-        for (int job = 0; job < tb * nkv * n_chunks; job++) {
-            int c = job % n_chunks, g = (job / n_chunks) % nkv, t = t0 + job / (n_chunks * nkv);
+        for (int job = 0; job < tb * nkv * max_chunks; job++) {
+            int c = job % max_chunks, g = (job / max_chunks) % nkv, t = t0 + job / (max_chunks * nkv);
             int i0 = c * KV_CHUNK, i1 = i0 + KV_CHUNK < n_vis[t] ? i0 + KV_CHUNK : n_vis[t];
             if (i0 >= i1) continue;
-            const float *kg = kc + (size_t)g * S_max * hd, *vg = vc + (size_t)g * S_max * hd;
+            int s = bt->seg[t], tl = t - bt->off[s], start = bt->starts[s], S_max = bt->S_maxs[s], Tn = bt->Ts[s];
+            const int *vis_new = bt->vis_new[s];
+            const float *kg = bt->kcs[s] + layer_off + (size_t)g * S_max * hd;
+            const float *vg = bt->vcs[s] + layer_off + (size_t)g * S_max * hd;
             for (int e = 0; e < group; e++) {
                 int h = g * group + e;
                 const float *qh = q + ((size_t)t * nh + h) * hd;
                 float *se = sc + (size_t)e * KV_CHUNK, mx = -INFINITY;
                 for (int i = i0; i < i1; i++) {
-                    float v = dot(qh, kg + (size_t)vis_slot(vis_new, T, start, t, i) * hd, hd) * scale;
+                    float v = dot(qh, kg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd, hd) * scale;
                     se[i - i0] = v;
                     if (v > mx) mx = v;
                 }
                 int len = i1 - i0, i = 0;
                 vf vs = vsplat(0.f);
                 for (; i + VW <= len; i += VW) {
-                    vf e = vexp(vload(se + i) - vsplat(mx));
-                    memcpy(se + i, &e, sizeof e);
-                    vs = vs + e;
+                    vf ex = vexp(vload(se + i) - vsplat(mx));
+                    memcpy(se + i, &ex, sizeof ex);
+                    vs = vs + ex;
                 }
                 float sum = hsum(vs);
                 if (i < len) { /* the chunk's tail, through the same vector exp */
                     float tmp[VW];
                     for (int l = 0; l < VW; l++) tmp[l] = i + l < len ? se[i + l] - mx : -100.f;
-                    vf e = vexp(vload(tmp));
+                    vf ex = vexp(vload(tmp));
                     for (int l = 0; i + l < len; l++) {
-                        se[i + l] = e[l];
-                        sum += e[l];
+                        se[i + l] = ex[l];
+                        sum += ex[l];
                     }
                 }
-                float *pp = part + (((size_t)(t - t0) * nh + h) * n_chunks + c) * stride;
+                float *pp = part + (((size_t)(t - t0) * nh + h) * max_chunks + c) * stride;
                 pp[0] = mx;
                 pp[1] = sum;
                 float *acc = pp + 2;
                 for (int d = 0; d < hd; d++) acc[d] = 0.f;
                 for (int i = i0; i < i1; i++) {
-                    const float *vs = vg + (size_t)vis_slot(vis_new, T, start, t, i) * hd;
+                    const float *vrow = vg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd;
                     float p = se[i - i0];
                     int d = 0;
                     for (; d + VW <= hd; d += VW) {
-                        vf a = vfma(vsplat(p), vload(vs + d), vload(acc + d));
+                        vf a = vfma(vsplat(p), vload(vrow + d), vload(acc + d));
                         memcpy(acc + d, &a, sizeof a);
                     }
-                    for (; d < hd; d++) acc[d] += p * vs[d];
+                    for (; d < hd; d++) acc[d] += p * vrow[d];
                 }
             }
         }
 #pragma omp for schedule(static)
         for (int th = 0; th < tb * nh; th++) {
             int t = t0 + th / nh, h = th % nh, nc = (n_vis[t] + KV_CHUNK - 1) / KV_CHUNK;
-            const float *pp = part + ((size_t)(t - t0) * nh + h) * n_chunks * stride;
+            const float *pp = part + ((size_t)(t - t0) * nh + h) * max_chunks * stride;
             float mx = -INFINITY, sum = 0.f, *o = out + (size_t)t * nh * hd + (size_t)h * hd;
             for (int c = 0; c < nc; c++)
                 if (pp[c * stride] > mx) mx = pp[c * stride];
@@ -403,41 +417,71 @@ static void attention(const float *qkv, const float *rot, float *kc, float *vc, 
     }
 }
 
-/* Every decoder layer for T new tokens of one sequence, in one call and one parallel region:
+/* Every decoder layer for the new tokens of n_seq sequences, in one call and one parallel region:
  *   x += Wo attn(RoPE(Wqkv rmsnorm(x)));  x += Wd (silu(Wg h) * Wu h), h = rmsnorm(x)
- * then, when head is given, logits (n_out, head.n) = head rmsnorm(x) (norm weights norm_w) for
- * the last n_out tokens. x (T, dim) is updated in place. The layer l's cache is kc0 + l * layer_stride (and vc0),
- * laid out (nkv, S_max, hd). mask: (T, T) bytes for a token tree, or NULL for causal.
+ * then, when head is given, logits = head rmsnorm(x) (norm weights norm_w) for the last n_outs[s]
+ * tokens of each sequence s, one after the other. Sequence s brings Ts[s] new tokens; x (sum Ts, dim)
+ * holds them sequence after sequence and is updated in place; rot (sum Ts, hd / 2, 2) likewise.
+ * Its layer l's cache is kcs[s] + l * layer_stride (and vcs[s]), laid out (nkv, S_maxs[s], hd), with
+ * starts[s] slots filled; masks[s]: (Ts[s], Ts[s]) bytes for a token tree, or NULL (masks NULL: all causal).
+ * The matrix products run over every sequence's tokens at once (one read of each weight); attention
+ * runs per sequence over its own slots. A token's result is the same whatever it is batched with.
  * Returns 0, or 1 when scratch memory could not be allocated. */
-int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int T, const float *rot,
-               const unsigned char *mask, float *kc0, float *vc0, long long layer_stride, int start, int S_max,
-               const float *norm_w, const sc_mat *head, float *logits, int n_out) {
+int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int n_seq, const int *Ts,
+                     const float *rot, const unsigned char *const *masks, float *const *kcs, float *const *vcs,
+                     long long layer_stride, const int *starts, const int *S_maxs, const float *norm_w,
+                     const sc_mat *head, float *logits, const int *n_outs) {
     int D = dm->dim, nh = dm->n_heads, nkv = dm->n_kv_heads, hd = dm->head_dim, H = dm->hidden;
     int qkv_w = (nh + 2 * nkv) * hd, att_w = nh * hd;
-    int n_chunks = (start + T + KV_CHUNK - 1) / KV_CHUNK, tb = T < T_BLOCK ? T : T_BLOCK;
-    size_t part_n = (size_t)tb * nh * n_chunks * (hd + 2);
+    if (n_seq < 1) return 0;
+    int T = 0, N = 0, max_chunks = 0;
+    size_t vis_n = 0;
+    for (int s = 0; s < n_seq; s++) {
+        int n_chunks = (starts[s] + Ts[s] + KV_CHUNK - 1) / KV_CHUNK;
+        if (n_chunks > max_chunks) max_chunks = n_chunks;
+        if (masks && masks[s]) vis_n += (size_t)Ts[s] * Ts[s];
+        T += Ts[s];
+        N += head ? n_outs[s] : 0;
+    }
+    size_t part_n = (size_t)(T < T_BLOCK ? T : T_BLOCK) * nh * max_chunks * (hd + 2);
     size_t need = (size_t)T * (D + qkv_w + att_w + att_w + D + 2 * H + H) + part_n;
     float *buf = (float *)malloc(need * sizeof(float));
-    int *n_vis = (int *)malloc((size_t)T * sizeof(int)), *vis_new = NULL;
-    if (mask) vis_new = (int *)malloc((size_t)T * T * sizeof(int));
-    if (!buf || !n_vis || (mask && !vis_new)) {
+    int *n_vis = (int *)malloc((size_t)T * sizeof(int)), *vis_all = NULL, *seg = (int *)malloc((size_t)T * sizeof(int));
+    int *off = (int *)malloc((size_t)(n_seq + 1) * sizeof(int)), **vis_new = (int **)calloc(n_seq, sizeof(int *));
+    if (vis_n) vis_all = (int *)malloc(vis_n * sizeof(int));
+    if (!buf || !n_vis || !seg || !off || !vis_new || (vis_n && !vis_all)) {
         free(buf);
         free(n_vis);
+        free(seg);
+        free(off);
         free(vis_new);
+        free(vis_all);
         return 1;
     }
     float *h = buf, *qkv = h + (size_t)T * D, *q = qkv + (size_t)T * qkv_w, *att = q + (size_t)T * att_w;
     float *o = att + (size_t)T * att_w, *gu = o + (size_t)T * D, *act = gu + (size_t)T * 2 * H;
     float *part = act + (size_t)T * H;
-    for (int t = 0; t < T; t++) { /* each token's visible new slots, in slot order */
-        int n = 0;
-        for (int u = 0; u < T; u++)
-            if (mask ? mask[(size_t)t * T + u] : u <= t) {
-                if (vis_new) vis_new[(size_t)t * T + n] = u;
-                n++;
-            }
-        n_vis[t] = start + n;
+    off[0] = 0;
+    for (int s = 0, used = 0; s < n_seq; s++) { /* each token's visible new slots, in slot order */
+        const unsigned char *mask = masks ? masks[s] : NULL;
+        int Tn = Ts[s];
+        off[s + 1] = off[s] + Tn;
+        if (mask) {
+            vis_new[s] = vis_all + used;
+            used += Tn * Tn;
+        }
+        for (int t = 0; t < Tn; t++) {
+            seg[off[s] + t] = s;
+            int n = 0;
+            for (int u = 0; u < Tn; u++)
+                if (mask ? mask[(size_t)t * Tn + u] : u <= t) {
+                    if (mask) vis_new[s][(size_t)t * Tn + n] = u;
+                    n++;
+                }
+            n_vis[off[s] + t] = starts[s] + n;
+        }
     }
+    sc_batch bt = {Ts, off, starts, S_maxs, seg, kcs, vcs, vis_new};
     int failed = 0;
 #pragma omp parallel
     {
@@ -450,11 +494,10 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
         if (!failed) {
             for (int l = 0; l < n_layers; l++) {
                 const sc_layer *ly = L + l;
-                float *kc = kc0 + (size_t)l * layer_stride, *vc = vc0 + (size_t)l * layer_stride;
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * D, ly->attn_norm, h + (size_t)t * D, D, dm->eps);
                 par_matmul(&ly->qkv, h, T, qkv, qkv_w);
-                attention(qkv, rot, kc, vc, q, part, sc, vis_new, n_vis, att, T, start, S_max, nh, nkv, hd);
+                attention(qkv, rot, &bt, (size_t)l * layer_stride, q, part, sc, n_vis, att, T, max_chunks, nh, nkv, hd);
                 par_matmul(&ly->o, att, T, o, D);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
@@ -483,17 +526,34 @@ int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int
             }
             if (head) {
 #pragma omp for schedule(static)
-                for (int t = 0; t < n_out; t++)
-                    rmsnorm_row(x + (size_t)(T - n_out + t) * D, norm_w, h + (size_t)t * D, D, dm->eps);
-                par_matmul(head, h, n_out, logits, head->n);
+                for (int s = 0; s < n_seq; s++) { /* the rows wanted, sequence after sequence */
+                    int first = 0;
+                    for (int r = 0; r < s; r++) first += n_outs[r];
+                    for (int t = 0; t < n_outs[s]; t++)
+                        rmsnorm_row(x + (size_t)(off[s + 1] - n_outs[s] + t) * D, norm_w, h + (size_t)(first + t) * D,
+                                    D, dm->eps);
+                }
+                par_matmul(head, h, N, logits, head->n);
             }
         }
         free(sc);
     }
     free(buf);
     free(n_vis);
+    free(seg);
+    free(off);
     free(vis_new);
+    free(vis_all);
     return failed;
+}
+
+/* sc_forward_batch for one sequence: T new tokens, mask (T, T) or NULL, the cache kc0/vc0 (nkv, S_max, hd)
+ * per layer with start slots filled; logits of the last n_out tokens. */
+int sc_forward(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int T, const float *rot,
+               const unsigned char *mask, float *kc0, float *vc0, long long layer_stride, int start, int S_max,
+               const float *norm_w, const sc_mat *head, float *logits, int n_out) {
+    return sc_forward_batch(L, n_layers, dm, x, 1, &T, rot, &mask, &kc0, &vc0, layer_stride, &start, &S_max, norm_w,
+                            head, logits, &n_out);
 }
 
 /* Sum of n floats read once, split over the threads: a streaming-read bandwidth probe. */
