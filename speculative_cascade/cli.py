@@ -249,7 +249,7 @@ def serve(
     try:
         import uvicorn  # the optional 'serve' dependencies: uvicorn, fastapi, prometheus-client
 
-        from .serve import create_app, model_name_for
+        from .serve import create_app, model_name_for  # heavy (torch) and needs the same extras
     except ImportError as e:
         _fail(f"cascade serve needs its extra dependencies ({e.name} is missing): pip install 'speculative-cascade[serve]'")
     from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs

@@ -174,13 +174,26 @@ class Decoder:
         self.done = False
         self._t0 = 0.0
 
-    def start(self) -> None:
-        """Prefill: the whole prompt but its last token, which every round feeds first."""
+    def start(self, prefill: bool = True) -> None:
+        """Prefill: the whole prompt but its last token, which every round feeds first.
+
+        ``prefill=False``: the caller feeds ``prefill_ids`` into the target's cache itself (several
+        sequences in one forward) and then calls :meth:`prefilled`."""
         self._t0 = time.perf_counter()
         self.target.reset()
         self.round.reset()
+        if prefill:
+            if self.prefill_ids:
+                self.target.prefill(self.prefill_ids)
+            self.prefilled()
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        return self.ids[:-1]
+
+    def prefilled(self) -> None:
+        """The target's cache holds :attr:`prefill_ids`."""
         if len(self.ids) > 1:
-            self.target.prefill(self.ids[:-1])
             self.round.after_prefill(self.target, len(self.ids) - 1)
         self.stats.prefill_s = time.perf_counter() - self._t0
 

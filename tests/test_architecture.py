@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "speculative_cascade"
 # the cascade's core: its seams are typed and checked
-TYPED = ["cascade.py", "adaptive.py", "stages", "decoding.py", "verify.py", "sampling.py", "builder.py"]
+TYPED = ["cascade.py", "adaptive.py", "stages", "decoding.py", "verify.py", "sampling.py", "builder.py", "serve/batching.py"]
 
 
 def test_layers_and_no_import_cycles():

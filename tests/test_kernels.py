@@ -206,6 +206,43 @@ def test_forward_is_batch_invariant(variant, tiny):
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
+def test_forward_batch_of_sequences_is_bit_identical_to_each_alone(variant, tiny):
+    """Continuous batching: sequences at different cursors (a prefill, one-token steps, a chain
+    verification, a context past one attention chunk) in one forward give each token the logits of
+    its sequence run alone; the caches end up the same too."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 300) for _ in range(n)] for n in (3, 7, 70, 1, 12)]
+    feeds = [[rng.randrange(2, 300) for _ in range(n)] for n in (1, 4, 1, 9, 2)]
+    with kernels.use(variant):
+        alone, caches_a = [], []
+        for p, f in zip(prompts, feeds):
+            c = tiny.new_cache(128)
+            tiny(torch.tensor([p]), c)
+            alone.append(tiny(torch.tensor([f]), c)[0])
+            caches_a.append(c)
+        caches_b = []
+        for p in prompts:
+            c = tiny.new_cache(128)
+            tiny(torch.tensor([p]), c)
+            caches_b.append(c)
+        together = tiny.forward_batch([(torch.tensor(f), c) for f, c in zip(feeds, caches_b)])
+        for i, (a, b) in enumerate(zip(alone, together)):
+            assert torch.equal(a, b), f"sequence {i}: batched logits differ from its forward alone"
+        for a, b in zip(caches_a, caches_b):
+            n = a.seqlens[0]
+            assert b.seqlens[0] == n and torch.equal(a.k[:, :, :, :n], b.k[:, :, :, :n])
+        last = tiny.forward_batch([(torch.tensor(f), c) for f, c in zip(feeds, caches_b)], last_only=True)
+        assert [x.shape[0] for x in last] == [1] * len(feeds)
+        # the batched prefill (last_only) equals the last rows of each prefill alone
+        fresh = [tiny.new_cache(128) for _ in prompts]
+        pre = tiny.forward_batch([(torch.tensor(p), c) for p, c in zip(prompts, fresh)], last_only=True)
+        for p, x in zip(prompts, pre):
+            assert torch.equal(x[0], tiny(torch.tensor([p]), tiny.new_cache(128))[0, -1])
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
 def test_forward_matches_pytorch(variant, tiny):
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with kernels.use(variant):

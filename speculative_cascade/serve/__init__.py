@@ -28,7 +28,7 @@ def create_app(generator, *, model_name: str, max_batch: int = 16, max_queue: in
                drain_timeout: float = 30.0):
     """The FastAPI app serving ``generator``'s target, tokenizer and cascade (``generator.config``)."""
     from .app import create_app as _create  # fastapi: the optional 'serve' dependencies
-    from .metrics import Metrics
+    from .metrics import Metrics  # prometheus-client: an optional 'serve' dependency
 
     metrics = Metrics()
     engine = BatchEngine(

@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..builder import build_round
-from ..cascade import ChainRound, Round, accept
+from ..cascade import ChainRound, Proposal, Round, accept
 from ..config import CascadeConfig
 from ..decoding import Decoder, GenerationStats, StopChecker, check_context, eos_ids
 from ..errors import CascadeError
 from ..sampling import SamplingParams
-from ..stages.neural import ModelStage, score_batch
+from ..stages.neural import ModelStage, prefill_batch, score_batch
+
+
+PREFILL_TOKENS = 2048  # most prompt tokens prefilled in one forward (bounds its scratch memory)
 
 
 class QueueFull(CascadeError):
@@ -59,8 +62,6 @@ class Job:
     on_done: Callable[[GenerationStats | None, BaseException | None], None]
     cancelled: bool = False
     queued_at: float = field(default_factory=time.perf_counter)
-    decoder: Decoder | None = None
-    stage: ModelStage | None = None
     admitted: bool = False  # it got a row and was prefilled
     first_token_at: float | None = None  # when its first token was final (metrics)
     last_token_at: float | None = None
@@ -99,7 +100,7 @@ class BatchEngine:
         self._shared: dict = {}  # models shared by every request's round (the INT8 copy)
         self._pool: list[ModelStage] = []  # the target with a KV cache, one per row; reused
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []
+        self._running: list[Row] = []
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="cascade-scheduler", daemon=True)
@@ -155,119 +156,146 @@ class BatchEngine:
             with self._cv:
                 while not self._waiting and not self._running:
                     self._cv.wait()
-                admitted = []
+                admitted: list[Job] = []
                 while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
-            for job in admitted:
-                self._admit(job)
+            self._admit(admitted)
             self._step()
             with self._cv:
                 self._cv.notify_all()  # drain() waits on the counts
 
-    def _admit(self, job: Job) -> None:
-        if job.cancelled:
-            self._end(job, None, admitted=False)
-            return
-        try:
-            job.stage = self._pool.pop() if self._pool else ModelStage(self.target, self.max_len, name="target")
-            job.decoder = Decoder(
-                job.stage,
-                job.prompt_ids,
-                job.round,
-                max_new_tokens=job.max_new_tokens,
-                params=job.params,
-                stop=job.stop,
-                on_tokens=job.on_tokens,
-            )
-            job.decoder.start()
-        except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
-            self._end(job, e)
-            return
-        job.admitted = True
-        self.observer.started(job)
-        self._running.append(job)
-
-    def _step(self) -> None:
-        live = []
-        for job in self._running:
+    def _admit(self, jobs: list[Job]) -> None:
+        """Give each new job a row (a pooled cache) and prefill them, PREFILL_TOKENS at most per forward."""
+        group: list[Row] = []
+        for job in jobs:
             if job.cancelled:
                 self._end(job, None)
+                continue
+            stage = self._pool.pop() if self._pool else ModelStage(self.target, self.max_len, name="target")
+            try:
+                decoder = Decoder(
+                    stage,
+                    job.prompt_ids,
+                    job.round,
+                    max_new_tokens=job.max_new_tokens,
+                    params=job.params,
+                    stop=job.stop,
+                    on_tokens=job.on_tokens,
+                )
+                decoder.start(prefill=False)
+            except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
+                self._pool.append(stage)
+                self._end(job, e)
+                continue
+            row = Row(job, stage, decoder)
+            if group and sum(len(r.decoder.prefill_ids) for r in group) + len(decoder.prefill_ids) > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(row)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, rows: list[Row]) -> None:
+        try:
+            prefill_batch([r.stage for r in rows], [r.decoder.prefill_ids for r in rows])
+        except Exception as e:  # noqa: BLE001 - the shared forward failed: end these requests, keep serving
+            for r in rows:
+                self._end(r.job, e, r)
+            return
+        for r in rows:
+            if self._guard(r, r.decoder.prefilled):
+                r.job.admitted = True
+                self.observer.started(r.job)
+                self._running.append(r)
+
+    def _step(self) -> None:
+        live: list[Row] = []
+        for r in list(self._running):
+            if r.job.cancelled:
+                self._end(r.job, None, r)
             else:
-                live.append(job)
-        chain = [j for j in live if isinstance(j.round, ChainRound)]
-        for job in live:
-            if not isinstance(job.round, ChainRound):
-                self._guard(job, lambda j=job: j.decoder.step())
+                live.append(r)
+        chain: list[tuple[Row, ChainRound]] = []
+        for r in live:
+            if isinstance(r.job.round, ChainRound):
+                chain.append((r, r.job.round))
+            else:  # a tree round verifies by itself
+                self._guard(r, r.decoder.step)
         if chain:
             self._chain_step(chain)
-        for job in live:
-            if job.decoder is not None and job.decoder.done and job in self._running:
-                self._end(job, None)
+        for r in live:
+            if r.decoder.done and r in self._running:
+                self._end(r.job, None, r)
 
-    def _guard(self, job: Job, fn) -> bool:
+    def _guard(self, row: Row, fn: Callable[[], object]) -> bool:
+        """Run one request's step; if it raises, end that request only."""
         try:
             fn()
             return True
         except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
-            self._end(job, e)
+            self._end(row.job, e, row)
             return False
 
-    def _chain_step(self, jobs: list[Job]) -> None:
+    def _chain_step(self, rows: list[tuple[Row, ChainRound]]) -> None:
         """One round of every chain sequence, their target forwards fused into one."""
-        props = {}
-        for job in jobs:
-            d = job.decoder
-            assert d is not None and isinstance(job.round, ChainRound)
-            rnd: ChainRound = job.round
-            self._guard(job, lambda: props.__setitem__(id(job), rnd.propose(d.ids, d.budget, d.params, d.generator)))
-        jobs = [j for j in jobs if id(j) in props]
-        if not jobs:
+        props: dict[int, Proposal] = {}
+        for r, rnd in rows:
+            d = r.decoder
+            self._guard(r, lambda: props.__setitem__(id(r), rnd.propose(d.ids, d.budget, d.params, d.generator)))
+        rows = [(r, rnd) for r, rnd in rows if id(r) in props]
+        if not rows:
             return
         t0 = time.perf_counter()
         try:
             logits = score_batch(
-                [j.stage for j in jobs],  # type: ignore[misc]
-                [j.decoder.ids for j in jobs],  # type: ignore[union-attr]
-                [props[id(j)].tokens for j in jobs],
+                [r.stage for r, _ in rows], [r.decoder.ids for r, _ in rows], [props[id(r)].tokens for r, _ in rows]
             )
         except Exception as e:  # noqa: BLE001 - the shared forward failed: end these requests, keep serving
-            for job in jobs:
-                self._end(job, e)
+            for r, _ in rows:
+                self._end(r.job, e, r)
             return
         elapsed = time.perf_counter() - t0
-        total = sum(len(props[id(j)].tokens) + 1 for j in jobs)
-        self.observer.forward(len(jobs), total, elapsed)
-        for job, lg in zip(jobs, logits):
-            prop, d = props[id(job)], job.decoder
-            assert d is not None and isinstance(job.round, ChainRound)
-            share = elapsed * (len(prop.tokens) + 1) / total
+        total = sum(len(props[id(r)].tokens) + 1 for r, _ in rows)
+        self.observer.forward(len(rows), total, elapsed)
+        for (r, rnd), lg in zip(rows, logits):
+            prop = props[id(r)]
+            share = elapsed * (len(prop.tokens) + 1) / total  # this sequence's part of the shared forward
 
-            def finish_round(job=job, prop=prop, d=d, lg=lg, share=share, rnd=job.round):
+            def finish_round(r=r, rnd=rnd, prop=prop, lg=lg, share=share) -> None:
+                d = r.decoder
                 n, nxt = accept(prop.tokens, lg, prop.q, d.params, d.generator)
                 rnd.settle(prop, n, share)
                 res = prop.result(n, nxt, share)
-                self.observer.round(job, res)
+                self.observer.round(r.job, res)
                 d.absorb(res)
 
-            self._guard(job, finish_round)
+            self._guard(r, finish_round)
 
-    def _end(self, job: Job, error: BaseException | None, admitted: bool = True) -> None:
-        if job in self._running:
-            self._running.remove(job)
+    def _end(self, job: Job, error: BaseException | None, row: Row | None = None) -> None:
         stats = None
-        if job.decoder is not None and error is None:
-            try:
-                _, stats = job.decoder.finish()
-            except Exception as e:  # noqa: BLE001
-                error = e
-        if job.stage is not None:
-            self._pool.append(job.stage)
-            job.stage = None
+        if row is not None:
+            if row in self._running:
+                self._running.remove(row)
+            self._pool.append(row.stage)
+            if error is None:
+                try:
+                    _, stats = row.decoder.finish()
+                except Exception as e:  # noqa: BLE001 - reported to this request only
+                    error = e
         self.observer.ended(job, stats, error)
         try:
             job.on_done(stats, error)
         except Exception:  # noqa: BLE001 - a broken callback must not stop the scheduler
             pass
+
+
+@dataclass
+class Row:
+    """A running request: its job, the target stage holding its KV cache, and its decoding state."""
+
+    job: Job
+    stage: ModelStage
+    decoder: Decoder
 
 
 class EngineObserver:

@@ -232,3 +232,14 @@ def score_batch(stages: list[ModelStage], ids: list[list[int]], drafts: list[lis
         st.count_call(len(tokens), elapsed * len(tokens) / total)
         out.append(lg[-(len(d) + 1) :])
     return out
+
+
+def prefill_batch(stages: list[ModelStage], seqs: list[list[int]]) -> None:
+    """:meth:`ModelStage.prefill` of several sequences (one per stage, stages of one model) in one forward."""
+    todo = [(st, seq) for st, seq in zip(stages, seqs) if seq]
+    if not todo:
+        return
+    prepared = [st.runner.prepare(seq) for st, seq in todo]
+    todo[0][0].model.forward_batch([(tokens, st.runner.cache) for (st, _), (_, tokens) in zip(todo, prepared)], last_only=True)
+    for (st, _), (full, _) in zip(todo, prepared):
+        st.runner.seq = full
