@@ -393,6 +393,70 @@ def bench(
         typer.echo(f"report written to {', '.join(str(f) for f in files)}", err=True)
 
 
+@app.command("bench-serve")
+def bench_serve(
+    target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    clients: str = typer.Option("1,4,16,64", "--clients", help="Concurrent clients per level, comma-separated."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens per request."),
+    max_batch: int = typer.Option(64, "--max-batch", help="The server's --max-batch."),
+    n_prompts: int = typer.Option(8, "--prompts", help="Distinct prompts, sent in turn."),
+    prompt_set: str = typer.Option(
+        "short", "--prompt-set", help="'short' (shipped one-line instructions) or 'spec-bench' (one per category)."
+    ),
+    modes: str = typer.Option("cascade,plain", "--modes", help="'cascade' (the default cascade) and/or 'plain'."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures here as JSON."),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write the table here as Markdown."),
+) -> None:
+    """Load a local server with 1, 4, 16, 64 concurrent streaming clients: total tokens/s, with and without the cascade."""
+    try:
+        from .bench.serving import bench_prompts, markdown, run_serving_bench  # needs the 'serve' extra and openai
+        import openai  # noqa: F401  # the client the load is sent with (an optional dependency)
+    except ImportError as e:
+        _fail(f"bench-serve needs the server's dependencies and the openai client ({e.name} is missing): "
+              "pip install 'speculative-cascade[serve]' openai")
+    from .engine import kernels  # heavy (torch): imported when the command runs
+    from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
+
+    with _user_errors():
+        levels = tuple(int(x) for x in clients.split(",") if x.strip())
+        if not levels or min(levels) < 1:
+            raise CascadeError("--clients takes positive integers, e.g. 1,4,16,64")
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+        if not chosen or set(chosen) - {"cascade", "plain"}:
+            raise CascadeError("--modes takes 'cascade' and/or 'plain'")
+        if max_tokens < 1 or max_batch < 1 or n_prompts < 1:
+            raise CascadeError("--max-tokens, --max-batch and --prompts must be >= 1")
+        bench_prompts(n_prompts, prompt_set)  # a bad prompt set fails before the model loads
+        gen = SpeculativeGenerator(target, max_len=1024, precision=precision)
+    kern = kernels.get()
+    where = f"{kernels.cpu_name()}, kernels {kern.variant if kern else 'torch'}"
+    desc = gen.config.describe() if gen.config is not None else "plain decoding"
+
+    def show(p) -> None:
+        typer.echo(
+            f"{p.clients:3d} clients {p.mode:8s} {p.tokens_per_s:7.1f} tok/s  TTFT p50 {p.ttft_p50_s:5.2f} s  "
+            f"drafted/round {p.drafted_per_round:4.2f}  acceptance {p.acceptance:6.1%}  "
+            f"identical {'yes' if p.identical else 'NO'}",
+            err=True,
+        )
+
+    typer.echo(f"bench-serve on {where}; cascade: {desc}; {max_tokens} tokens per request", err=True)
+    points = run_serving_bench(
+        gen, clients=levels, max_tokens=max_tokens, max_batch=max_batch, n_prompts=n_prompts, modes=chosen,
+        prompt_set=prompt_set, progress=show,
+    )
+    table = markdown(
+        points, f"Server throughput ({where}; cascade: {desc}; {prompt_set} prompts, {max_tokens} tokens per request, greedy)"
+    )
+    typer.echo(table)
+    with _user_errors():
+        if json_path is not None:
+            json_path.write_text(json.dumps({"machine": where, "cascade": desc, "points": [p.to_dict() for p in points]}, indent=1))
+        if markdown_path is not None:
+            markdown_path.write_text(table + "\n")
+
+
 @app.command()
 def tune(
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
