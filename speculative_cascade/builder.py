@@ -140,16 +140,19 @@ def build_round(
     stages: list[Stage] | None = None,
     shared: dict | None = None,
     progress: bool = True,
+    host: Transformer | None = None,
 ) -> tuple[Round, list[Stage]]:
     """(round, stages smallest first) for ``config`` on ``target``.
 
     ``config`` None is autoregressive decoding. ``stages``: stages already built (the seed APIs
     pass their own model objects), used instead of building ``config.stages``; ``shared`` keeps
-    models (the INT8 copy) across calls."""
+    models (the INT8 copy) across calls; ``host``: the native copy of a target that runs elsewhere
+    (the JAX target on a mesh), from which the drafts are made to run on this host."""
     if config is None:
         return ChainRound(), []
     if stages is None:
-        ctx = BuildContext(target, max_len, config.mag_min_ngram, progress, shared if shared is not None else {})
+        source = host if host is not None else target
+        ctx = BuildContext(source, max_len, config.mag_min_ngram, progress, shared if shared is not None else {})
         stages = [build_stage(s, ctx) for s in config.stages]
     if len(stages) != len(config.stages):
         raise CascadeError(f"the cascade names {len(config.stages)} stages, {len(stages)} were given")
@@ -165,9 +168,11 @@ def build_round(
 
 
 def calibration(target) -> Calibration:
-    """This machine's calibration cache for ``target`` (model, CPU and kernel variant in the key)."""
+    """This machine's calibration cache for ``target`` (model, CPU and kernel variant in the key; for
+    a target on a JAX mesh, the mesh)."""
     k = kernels.get()
-    return Calibration.load(cache_dir(), Calibration.key_for(target, kernels.cpu_name(), k.variant if k else "torch"))
+    variant = getattr(target, "backend_name", None) or (k.variant if k else "torch")
+    return Calibration.load(cache_dir(), Calibration.key_for(target, kernels.cpu_name(), variant))
 
 
 def is_default_target(target) -> bool:

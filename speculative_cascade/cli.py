@@ -12,6 +12,7 @@ _START = time.perf_counter()  # process start, near enough: this module is impor
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -135,6 +136,15 @@ def print_stage_table(stats: dict) -> None:
     Console(stderr=True).print(rich_stage_table(title, stage_table(stages, decode_s)))
 
 
+def _keep_stdout_for_results() -> None:
+    """Send what native libraries write to file descriptor 1 to stderr; Python's stdout (the text,
+    the JSON) keeps the real stdout."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1)
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
@@ -167,22 +177,47 @@ def generate(
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     show_stats: bool = typer.Option(False, "--stats", help="Print the per-stage breakdown after the text."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats."),
+    backend: str = typer.Option("torch", "--backend", help="The target's engine: 'torch' (native) or 'jax' (a mesh)."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="JAX mesh axes, e.g. 'model=4' or 'data=2,model=2'."),
+    coordinator: Optional[str] = typer.Option(
+        None, "--coordinator", envvar="CASCADE_COORDINATOR", help="Multi-host JAX: process 0's HOST:PORT."
+    ),
+    num_processes: Optional[int] = typer.Option(
+        None, "--num-processes", envvar="CASCADE_NUM_PROCESSES", help="Multi-host JAX: number of processes."
+    ),
+    process_id: Optional[int] = typer.Option(
+        None, "--process-id", envvar="CASCADE_PROCESS_ID", help="Multi-host JAX: this process's index (0 prints)."
+    ),
 ) -> None:
     """Generate text, streaming it as it is accepted, then a one-line summary.
 
-    With no cascade options the target runs its default cascade, adaptive (see docs/cascade.md)."""
+    With no cascade options the target runs its default cascade, adaptive (see docs/cascade.md).
+    With --backend jax the target's forwards run on a JAX mesh (docs/distributed.md)."""
     from .generator import SpeculativeGenerator  # heavy (torch): imported when the command runs
 
+    quiet = False  # a multi-host run's processes other than 0 print nothing
     try:
+        if backend == "jax":
+            from .engine import jax_target  # the optional JAX backend
+            from .engine.loader import cache_dir  # heavy (torch): imported when the command runs
+
+            if coordinator is not None:
+                _keep_stdout_for_results()  # the collectives library prints to the process's stdout
+            jax_target.initialize(coordinator, num_processes, process_id)
+            jax_target.enable_compilation_cache(cache_dir() / "jax")
+            quiet = jax_target.process_index() != 0
+        elif coordinator or num_processes or process_id is not None:
+            raise CascadeError("--coordinator, --num-processes and --process-id are for --backend jax")
         config, draft_model, draft_k = _plan(
             cascade, stages, mode, k, k_matrix, lenience, tree_nodes, tree_width, tree_keep, adaptive, draft
         )
         gen = SpeculativeGenerator(
-            target, draft_model, K=draft_k, max_len=max_len, cascade=config, precision=precision
+            target, draft_model, K=draft_k, max_len=max_len, cascade=config, precision=precision,
+            backend=backend, mesh=mesh, progress=not quiet,
         )
         if chat is None:
             chat = bool(getattr(gen.tokenizer, "chat_template", None))
-        streamer = None if as_json else _Streamer(gen.tokenizer)
+        streamer = None if as_json or quiet else _Streamer(gen.tokenizer)
         ids = gen.generate_ids(
             prompt,
             max_new_tokens=max_new_tokens,
@@ -197,10 +232,20 @@ def generate(
     except CascadeError as e:
         _fail(str(e))
     stats = gen.get_stats()
+    if quiet:
+        return
     if as_json:
         text = gen.tokenizer.decode(ids, skip_special_tokens=True)
         cfg = gen.config.to_dict() if gen.config is not None else None
-        typer.echo(json.dumps({"text": text, "token_ids": ids, "cascade": cfg, "stats": stats}))
+        body = {"text": text, "token_ids": ids, "cascade": cfg, "stats": stats}
+        if backend == "jax":
+            body["jax"] = {
+                "backend": gen.target.backend_name,
+                "compile_cache_hits": jax_target.CACHE_EVENTS["hits"],
+                "compile_cache_misses": jax_target.CACHE_EVENTS["misses"],
+                "seconds_since_start": time.perf_counter() - _START,
+            }
+        typer.echo(json.dumps(body))
         return
     typer.echo("")
     line = f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s"

@@ -49,6 +49,9 @@ class SpeculativeGenerator:
             a TOML/YAML file; replaces ``draft_model``/``K`` with an N-stage cascade.
         precision: ``"stored"`` (default) runs the target on its weights as stored (a GGUF
             file's quantized blocks, bf16 safetensors); ``"fp32"`` dequantizes them to fp32.
+        backend: ``"torch"`` (the native engine, default) or ``"jax"``: the target's forwards on a
+            JAX device mesh (``engine/jax_target.py``; fp32 weights), drafts on this host.
+        mesh: the JAX mesh, e.g. ``"model=4"`` or ``"data=2,model=2"`` (default: one device).
     """
 
     def __init__(
@@ -63,6 +66,8 @@ class SpeculativeGenerator:
         progress: bool = True,
         cascade=None,
         precision: str | None = None,
+        backend: str = "torch",
+        mesh: str | None = None,
     ) -> None:
         if K < 1:
             raise CascadeError(f"K must be >= 1, got {K}")
@@ -72,12 +77,28 @@ class SpeculativeGenerator:
         if cascade is not None:
             self.config = load_cascade(cascade)  # None: the file asks for plain decoding
             draft_model = None
+        if backend not in ("torch", "jax"):
+            raise CascadeError(f"backend must be 'torch' or 'jax', got {backend!r}")
         if precision is None:
             precision = self.config.precision if self.config is not None else "stored"
+            precision = "fp32" if backend == "jax" else precision
+        if backend == "jax" and precision != "fp32":
+            raise CascadeError("the JAX backend runs the target's fp32 weights: use precision 'fp32'")
+        if backend == "torch" and mesh:
+            raise CascadeError("a mesh is for the JAX backend (backend='jax')")
         self.precision = precision
         self.target, target_tok = as_model(target_model, progress=progress, precision=precision)
+        self.host_model: Transformer | None = None  # the native copy of a target that runs on a JAX mesh
+        if backend == "jax":
+            from .engine import jax_target  # the optional JAX backend
+
+            if not isinstance(self.target, Transformer):
+                raise CascadeError("the JAX backend runs the Llama family (Llama, SmolLM2, Mistral, Qwen2)")
+            self.host_model = self.target
+            self.target = jax_target.JaxTarget(self.host_model, jax_target.make_mesh(jax_target.parse_mesh(mesh)))
+        native = self.host_model if self.host_model is not None else self.target
         if self.config is None and cascade is None and draft_model == DEFAULT_DRAFT:
-            self.config = default_cascade(self.target).with_(precision=precision)
+            self.config = default_cascade(native).with_(precision=precision)
             draft_model = None
         self.tokenizer = tokenizer or target_tok
         if self.tokenizer is None:
@@ -87,9 +108,9 @@ class SpeculativeGenerator:
             raise CascadeError(f"max_len must be >= 2, got {max_len}")
         self.max_len = min(max_len, limit)
         if draft_model == INT8_SELF_DRAFT:
-            if not isinstance(self.target, Transformer):
+            if not isinstance(native, Transformer):
                 raise CascadeError("the INT8 self-draft needs a native target (Llama, Mistral or Qwen2 family)")
-            self.draft = quantize_int8(self.target)
+            self.draft = quantize_int8(native)
             if kernels.get() is None and self.target.device.type == "cpu":
                 warnings.warn(
                     "the C kernels are unavailable: the INT8 draft will be slower "
@@ -111,7 +132,7 @@ class SpeculativeGenerator:
         self._target_stage = ModelStage(self.target, self.max_len, name="target")
         self._round: Round | None = None
         if self.config is not None:
-            self._round, _ = build_round(self.config, self.target, self.max_len, progress=progress)
+            self._round, _ = build_round(self.config, self.target, self.max_len, progress=progress, host=self.host_model)
         elif self.draft is not None:  # two-stage: one draft model (the INT8 copy or the caller's)
             two_stage = CascadeConfig(stages=("draft",), k=(K,))
             draft_stage = ModelStage(self.draft, self.max_len, name="draft")

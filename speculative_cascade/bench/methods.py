@@ -4,6 +4,7 @@ add one by subclassing :class:`Method` and registering it in ``METHODS``."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from ..cascade import Round
 from ..config import CascadeConfig
 from ..cost.tune import TuneResult, tune
 from ..decoding import StopChecker, eos_ids, generate_tokens
-from ..engine.loader import LoadedModel, as_model
+from ..engine.loader import LoadedModel, as_model, cache_dir
 from ..engine.quant import quantize_int8
 from ..errors import CascadeError
 from ..stages.neural import ModelStage
@@ -44,6 +45,7 @@ class BenchContext:
         self.target_cost = None  # the target's t(n, L), measured once
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
         self.custom: CascadeConfig | None = None  # the cascade of --cascade FILE (method 'custom')
+        self._jax_target = None
 
     @property
     def draft(self):
@@ -59,6 +61,17 @@ class BenchContext:
 
     def eos_ids(self) -> set[int]:
         return eos_ids(self.target, self.tokenizer)
+
+    @property
+    def jax_target(self):
+        """The target on JAX (its weights in fp32), on one device or the mesh in CASCADE_JAX_MESH; built once."""
+        if self._jax_target is None:
+            from ..engine import jax_target  # the optional JAX backend
+
+            jax_target.enable_compilation_cache(cache_dir() / "jax")
+            mesh = jax_target.make_mesh(jax_target.parse_mesh(os.environ.get("CASCADE_JAX_MESH", "")))
+            self._jax_target = jax_target.JaxTarget(self.target, mesh)
+        return self._jax_target
 
 
 class Method:
@@ -277,6 +290,40 @@ class Custom(Cascade):
         return self.ctx.custom
 
 
+class JaxNative(Native):
+    """The target's forwards on JAX (``engine/jax_target.py``; its weights dequantized to fp32), drafts on this host."""
+
+    name = "ar-jax"
+    description = "the target on JAX (fp32 weights; one device, or CASCADE_JAX_MESH), autoregressive"
+
+    @classmethod
+    def check(cls) -> None:
+        try:
+            import jax  # noqa: F401  # the optional 'jax' extra
+        except ImportError:
+            raise CascadeError(f"method {cls.name!r} needs JAX: pip install 'speculative-cascade[jax]'") from None
+
+    def __init__(self, ctx: BenchContext) -> None:
+        Method.__init__(self, ctx)
+        self.target_stage = ModelStage(ctx.jax_target, ctx.max_len, name="target")
+        self.round = self.make_round()
+
+    def make_round(self) -> Round:
+        config = self.cascade()
+        if self.speculative:
+            self.ctx.cascades[self.name] = config
+        return build_round(config, self.ctx.jax_target, self.ctx.max_len, shared=self.ctx.shared, host=self.ctx.target)[0]
+
+
+class JaxDefault(JaxNative):
+    name = "default-jax"
+    description = "the default cascade with the target on JAX (drafts on this host)"
+    speculative = True
+
+    def cascade(self) -> CascadeConfig | None:
+        return default_cascade(self.ctx.target)
+
+
 class Auto(Native):
     """``cascade tune`` at start-up, then its choice. It calibrates on prompts of the benchmark's file that
     the benchmark does not run (one per category), else on the shipped instructions."""
@@ -363,5 +410,7 @@ METHODS: dict[str, type[Method]] = {
         TINY_ONLY,
         Custom,
         Auto,
+        JaxNative,
+        JaxDefault,
     )
 }

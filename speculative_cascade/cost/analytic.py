@@ -95,6 +95,28 @@ class ForwardCost:
         return cls(name, pts)
 
     @classmethod
+    def on_mesh(
+        cls,
+        name: str,
+        weight_bytes: float,
+        bandwidth: float,
+        flops_per_token: float,
+        flops_rate: float,
+        *,
+        model: int,
+        collectives: int,
+        collective_s: float,
+        max_n: int = 64,
+    ) -> "ForwardCost":
+        """A target split tensor-parallel over ``model`` devices (the JAX backend's ``model`` axis): each
+        device reads and computes ``1 / model`` of it (``bandwidth``, ``flops_rate``: one device's), and
+        each forward waits for ``collectives`` all-reduces of ``collective_s`` each (two per block)."""
+        return cls.roofline(
+            name, weight_bytes / model, bandwidth, flops_per_token / model, flops_rate,
+            overhead=collectives * collective_s if model > 1 else 0.0, max_n=max_n,
+        )
+
+    @classmethod
     def free(cls, name: str) -> "ForwardCost":
         return cls(name, ((1, 0.0), (2, 0.0)))
 
