@@ -199,8 +199,8 @@ class JaxTarget:
             if n % model:
                 raise CascadeError(f"--mesh model={model} does not divide the target's {what} ({n})")
 
-        def t(w):  # a torch weight (out, in) -> numpy (in, out)
-            return np.ascontiguousarray(w.detach().float().numpy().T)
+        def t(w):  # a torch weight (out, in), kept so: each output is a contiguous row (a streamed dot)
+            return np.ascontiguousarray(w.detach().float().numpy())
 
         layers = native.layers
         stacked = {
@@ -216,9 +216,9 @@ class JaxTarget:
         }
         specs = {
             "attn_norm": P(), "ffn_norm": P(),
-            "wq": P(None, None, "model"), "wk": P(None, None, "model"), "wv": P(None, None, "model"),
-            "wo": P(None, "model", None),
-            "w1": P(None, None, "model"), "w3": P(None, None, "model"), "w2": P(None, "model", None),
+            "wq": P(None, "model", None), "wk": P(None, "model", None), "wv": P(None, "model", None),
+            "wo": P(None, None, "model"),
+            "w1": P(None, "model", None), "w3": P(None, "model", None), "w2": P(None, None, "model"),
         }
         biases = {
             "bq": (a.qkv_bias, lambda b: b.attention.wqkv.bias[:q]),
@@ -238,7 +238,7 @@ class JaxTarget:
         stacked["norm"] = native.norm.weight.detach().float().numpy()
         specs["norm"] = P()
         stacked["head"] = t(native.output.weight)
-        specs["head"] = P(None, "model")
+        specs["head"] = P("model", None)
         self.params = {k: _put(v, NamedSharding(mesh, specs[k])) for k, v in stacked.items()}
         self._replicated = NamedSharding(mesh, P())
         self._tokens = NamedSharding(mesh, P("data"))
@@ -248,6 +248,7 @@ class JaxTarget:
         self._jnp = jnp
         self._step = jax.jit(
             partial(_forward, self.dims),
+            static_argnums=(8,),
             donate_argnums=(1, 2),
             out_shardings=(self._replicated, self._replicated, self._replicated),
         )
@@ -291,6 +292,14 @@ class JaxTarget:
             b *= 2
         return b
 
+    @staticmethod
+    def context_bucket(n: int) -> int:
+        """The cached slots a forward's attention reads: ``n`` rounded up to a power of two, at least 256."""
+        b = 256
+        while b < n:
+            b *= 2
+        return b
+
     def __call__(self, tokens, cache: JaxKVCache, positions=None, tree_mask=None, last_only: bool = False):
         return self.forward(tokens, cache, positions, tree_mask, last_only)
 
@@ -301,19 +310,19 @@ class JaxTarget:
         start = cache.seqlens[0]
         assert start + T <= cache.max_seq_len, "KV cache overflow"
         Tb = self.bucket(T)
-        S = cache.k.shape[2]
+        S = min(self.context_bucket(start), cache.k.shape[2])
         ids = np.zeros(Tb, np.int32)
         ids[:T] = tokens[0].numpy()
         pos = np.zeros(Tb, np.int32)
         pos[:T] = positions[0].numpy() if positions is not None else np.arange(start, start + T)
         pos[T:] = pos[T - 1] if T else 0
-        mask = np.zeros((Tb, S), bool)
+        mask = np.zeros((Tb, S + Tb), bool)  # the cached slots below the cursor, then the new tokens
         mask[:, :start] = True
         if tree_mask is None:
-            mask[:T, start : start + T] = np.tril(np.ones((T, T), bool))
+            mask[:T, S : S + T] = np.tril(np.ones((T, T), bool))
         else:
-            mask[:T, start : start + T] = tree_mask[0].numpy()
-        mask[T:, 0] = True  # padding rows: any one visible slot keeps their softmax finite
+            mask[:T, S : S + T] = tree_mask[0].numpy()
+        mask[T:, S:] = np.eye(Tb, dtype=bool)[T:]  # padding tokens see themselves: their softmax stays finite
         args = (
             _put(ids, self._tokens),
             _put(self._cos[pos], self._tokens),
@@ -321,7 +330,7 @@ class JaxTarget:
             _put(np.int32(start), self._replicated),
             _put(mask, self._tokens),
         )
-        logits, cache.k, cache.v = self._step(self.params, cache.k, cache.v, *args)
+        logits, cache.k, cache.v = self._step(self.params, cache.k, cache.v, *args, S)
         self.compiled_buckets.add(Tb)
         cache.advance(T)
         out = np.asarray(logits.addressable_data(0))[:T]
@@ -337,14 +346,20 @@ def _put(x: np.ndarray, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask):
-    """Every layer for the bucket's tokens: (logits (Tb, V), cache_k, cache_v)."""
+def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask, Sb: int):
+    """Every layer for the bucket's tokens: (logits (Tb, V), cache_k, cache_v).
+
+    ``mask`` (Tb, Sb + Tb): which cached slots (the first Sb columns: those below the cursor; ``Sb``, a
+    bucket of the context, bounds what attention reads) and which new tokens (the last Tb) each new token sees. The layers read the cache and return the new
+    tokens' keys and values, written into the (donated) cache once, after the last layer."""
     import jax  # inside the compiled function: the module imports JAX only when the backend is used
     import jax.numpy as jnp
 
     nh, nkv, hd = d.n_heads, d.n_kv_heads, d.head_dim
     group = nh // nkv
     Tb = tokens.shape[0]
+    S = Sb
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
 
     def rms(x, w):
         return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + d.eps) * w
@@ -355,31 +370,32 @@ def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask):
         c, s = cos[:, None, :], sin[:, None, :]
         return jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(Tb, -1, hd)
 
-    def bias(name, layer):
-        return params[name][layer] if name in params else 0.0
+    names = [n for n in params if n not in ("embed", "norm", "head")]
 
-    def layer(i, carry):
-        x, ck, cv = carry
-        h = rms(x, params["attn_norm"][i])
-        q = rotate((h @ params["wq"][i] + bias("bq", i)).reshape(Tb, nh, hd))
-        k = rotate((h @ params["wk"][i] + bias("bk", i)).reshape(Tb, nkv, hd))
-        v = (h @ params["wv"][i] + bias("bv", i)).reshape(Tb, nkv, hd)
-        ck = jax.lax.dynamic_update_slice(ck, k.transpose(1, 0, 2)[None], (i, 0, start, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.transpose(1, 0, 2)[None], (i, 0, start, 0))
-        keys, values = ck[i], cv[i]  # (nkv, S, hd)
-        qg = q.reshape(Tb, nkv, group, hd)
-        scores = jnp.einsum("tgqd,gsd->gqts", qg, keys) / jnp.sqrt(jnp.float32(hd))
-        scores = jnp.where(mask[None, None], scores, -jnp.inf)
-        p = jax.nn.softmax(scores, axis=-1)
-        y = jnp.einsum("gqts,gsd->tgqd", p, values).reshape(Tb, nh * hd)
-        x = x + y @ params["wo"][i] + bias("bo", i)
-        h = rms(x, params["ffn_norm"][i])
-        gate = h @ params["w1"][i] + bias("b1", i)
-        up = h @ params["w3"][i] + bias("b3", i)
-        x = x + (jax.nn.silu(gate) * up) @ params["w2"][i] + bias("b2", i)
-        return x, ck, cv
+    def layer(x, xs):
+        p, ck, cv = xs  # this layer's weights and cache (nkv, slots, hd)
+        ck, cv = ck[:, :S], cv[:, :S]
+
+        def lin(h, w, b):
+            return jnp.einsum("ti,oi->to", h, p[w]) + (p[b] if b in p else 0.0)
+
+        h = rms(x, p["attn_norm"])
+        q = rotate(lin(h, "wq", "bq").reshape(Tb, nh, hd)).reshape(Tb, nkv, group, hd)
+        k = rotate(lin(h, "wk", "bk").reshape(Tb, nkv, hd))
+        v = lin(h, "wv", "bv").reshape(Tb, nkv, hd)
+        old = jnp.einsum("tgqd,gsd->gqts", q, ck) * scale  # against the cache
+        new = jnp.einsum("tgqd,ugd->gqtu", q, k) * scale  # against this forward's tokens
+        scores = jnp.where(mask[None, None], jnp.concatenate([old, new], axis=-1), -jnp.inf)
+        w = jax.nn.softmax(scores, axis=-1)
+        y = jnp.einsum("gqts,gsd->tgqd", w[..., :S], cv) + jnp.einsum("gqtu,ugd->tgqd", w[..., S:], v)
+        x = x + lin(y.reshape(Tb, nh * hd), "wo", "bo")
+        h = rms(x, p["ffn_norm"])
+        x = x + lin(jax.nn.silu(lin(h, "w1", "b1")) * lin(h, "w3", "b3"), "w2", "b2")
+        return x, (k.transpose(1, 0, 2), v.transpose(1, 0, 2))
 
     x = params["embed"][tokens]
-    x, cache_k, cache_v = jax.lax.fori_loop(0, d.n_layers, layer, (x, cache_k, cache_v))
-    logits = rms(x, params["norm"]) @ params["head"]
+    x, (ks, vs) = jax.lax.scan(layer, x, ({n: params[n] for n in names}, cache_k, cache_v))
+    cache_k = jax.lax.dynamic_update_slice(cache_k, ks, (0, 0, start, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, vs, (0, 0, start, 0))
+    logits = jnp.einsum("ti,oi->to", rms(x, params["norm"]), params["head"])
     return logits, cache_k, cache_v
