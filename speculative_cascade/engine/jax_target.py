@@ -185,7 +185,7 @@ class JaxTarget:
     def __init__(self, native: Transformer, mesh, *, min_bucket: int = 1) -> None:
         jax = _jax()
         import jax.numpy as jnp  # jax is imported by now
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding, PartitionSpec as P  # jax is imported by now
 
         self.args: ModelArgs = native.args  # quantized weights are dequantized to fp32 here
         a = self.args
@@ -353,7 +353,7 @@ def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask, 
     bucket of the context, bounds what attention reads) and which new tokens (the last Tb) each new token sees. The layers read the cache and return the new
     tokens' keys and values, written into the (donated) cache once, after the last layer."""
     import jax  # inside the compiled function: the module imports JAX only when the backend is used
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # with jax, above
 
     nh, nkv, hd = d.n_heads, d.n_kv_heads, d.head_dim
     group = nh // nkv
