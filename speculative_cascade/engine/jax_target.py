@@ -166,8 +166,7 @@ class JaxKVCache:
 
 
 def _compact(buf, idx: np.ndarray, dst: int):
-    moved = buf[:, :, idx]
-    return buf.at[:, :, dst : dst + len(idx)].set(moved)
+    return buf.at[:, :, dst : dst + len(idx)].set(buf[:, :, idx])
 
 
 @dataclass(frozen=True)
@@ -239,19 +238,20 @@ class JaxTarget:
         specs["norm"] = P()
         stacked["head"] = t(native.output.weight)
         specs["head"] = P("model", None)
-        self.params = {k: _put(v, NamedSharding(mesh, specs[k])) for k, v in stacked.items()}
+        top = ("embed", "norm", "head")
+        self.params = {k: _put(stacked[k], NamedSharding(mesh, specs[k])) for k in top}
+        self.params["layers"] = [  # one array per layer and weight: each product reads its weight in place
+            {k: _put(v[i], NamedSharding(mesh, P(*specs[k][1:]))) for k, v in stacked.items() if k not in top}
+            for i in range(a.n_layers)
+        ]
         self._replicated = NamedSharding(mesh, P())
         self._tokens = NamedSharding(mesh, P("data"))
         rope = native._rope_table(a.max_position_embeddings + 1024)  # complex (n, hd / 2)
         self._cos = np.ascontiguousarray(rope.real.numpy())
         self._sin = np.ascontiguousarray(rope.imag.numpy())
         self._jnp = jnp
-        self._step = jax.jit(
-            partial(_forward, self.dims),
-            static_argnums=(8,),
-            donate_argnums=(1, 2),
-            out_shardings=(self._replicated, self._replicated, self._replicated),
-        )
+        self._step = jax.jit(partial(_forward, self.dims), static_argnums=(8,), out_shardings=self._replicated)
+        self._write = jax.jit(_write, donate_argnums=(0, 1), out_shardings=self._replicated)
         self.eos_token_ids = native.eos_token_ids
         self.vocab_size = a.vocab_size
         self.max_position_embeddings = a.max_position_embeddings
@@ -267,7 +267,7 @@ class JaxTarget:
 
     @property
     def decode_bytes(self) -> int:
-        return int(sum(p.nbytes for p in self.params.values()))
+        return int(sum(leaf.nbytes for leaf in _jax().tree_util.tree_leaves(self.params)))
 
     def to(self, device):
         return self
@@ -330,7 +330,8 @@ class JaxTarget:
             _put(np.int32(start), self._replicated),
             _put(mask, self._tokens),
         )
-        logits, cache.k, cache.v = self._step(self.params, cache.k, cache.v, *args, S)
+        logits, ks, vs = self._step(self.params, cache.k, cache.v, *args, S)
+        cache.k, cache.v = self._write(cache.k, cache.v, ks, vs, args[3])
         self.compiled_buckets.add(Tb)
         cache.advance(T)
         out = np.asarray(logits.addressable_data(0))[:T]
@@ -346,12 +347,20 @@ def _put(x: np.ndarray, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def _write(cache_k, cache_v, ks, vs, start):
+    """The new tokens' keys and values into the (donated) cache, in place: its only use here."""
+    import jax  # inside the compiled function: the module imports JAX only when the backend is used
+
+    return (jax.lax.dynamic_update_slice(cache_k, ks, (0, 0, start, 0)),
+            jax.lax.dynamic_update_slice(cache_v, vs, (0, 0, start, 0)))
+
+
 def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask, Sb: int):
-    """Every layer for the bucket's tokens: (logits (Tb, V), cache_k, cache_v).
+    """Every layer for the bucket's tokens: (logits (Tb, V), their keys and values (layers, nkv, Tb, hd)).
 
     ``mask`` (Tb, Sb + Tb): which cached slots (the first Sb columns: those below the cursor; ``Sb``, a
-    bucket of the context, bounds what attention reads) and which new tokens (the last Tb) each new token sees. The layers read the cache and return the new
-    tokens' keys and values, written into the (donated) cache once, after the last layer."""
+    bucket of the context, bounds what attention reads) and which new tokens (the last Tb) each new token sees. The layers read the cache; :func:`_write` stores
+    the new keys and values afterwards (a program of its own, so that XLA updates the cache in place)."""
     import jax  # inside the compiled function: the module imports JAX only when the backend is used
     import jax.numpy as jnp  # with jax, above
 
@@ -370,11 +379,8 @@ def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask, 
         c, s = cos[:, None, :], sin[:, None, :]
         return jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(Tb, -1, hd)
 
-    names = [n for n in params if n not in ("embed", "norm", "head")]
-
-    def layer(x, xs):
-        p, ck, cv = xs  # this layer's weights and cache (nkv, slots, hd)
-        ck, cv = ck[:, :S], cv[:, :S]
+    def layer(x, p, ck, cv):
+        """One block; p: its weights, ck, cv: its cache (nkv, slots, hd). Returns x and its new keys/values."""
 
         def lin(h, w, b):
             return jnp.einsum("ti,oi->to", h, p[w]) + (p[b] if b in p else 0.0)
@@ -391,11 +397,14 @@ def _forward(d: _Dims, params, cache_k, cache_v, tokens, cos, sin, start, mask, 
         x = x + lin(y.reshape(Tb, nh * hd), "wo", "bo")
         h = rms(x, p["ffn_norm"])
         x = x + lin(jax.nn.silu(lin(h, "w1", "b1")) * lin(h, "w3", "b3"), "w2", "b2")
-        return x, (k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+        return x, k.transpose(1, 0, 2), v.transpose(1, 0, 2)
 
     x = params["embed"][tokens]
-    x, (ks, vs) = jax.lax.scan(layer, x, ({n: params[n] for n in names}, cache_k, cache_v))
-    cache_k = jax.lax.dynamic_update_slice(cache_k, ks, (0, 0, start, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, vs, (0, 0, start, 0))
+    new_k, new_v = [], []
+    for i, p in enumerate(params["layers"]):  # unrolled: each product reads its weight where it lies
+        x, k, v = layer(x, p, cache_k[i, :, :S], cache_v[i, :, :S])  # only the context's bucket is read
+        new_k.append(k)
+        new_v.append(v)
+    ks, vs = jnp.stack(new_k), jnp.stack(new_v)
     logits = jnp.einsum("ti,oi->to", rms(x, params["norm"]), params["head"])
-    return logits, cache_k, cache_v
+    return logits, ks, vs
