@@ -136,12 +136,13 @@ class Server:
         try:
             self.engine.submit(job)
         except QueueFull as e:
-            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ShuttingDown as e:
-            raise APIError(503, str(e), type_="server_error", code="shutting_down", headers={"Retry-After": "5"})
+            raise APIError(503, str(e), type_="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
         except CascadeError as e:
             code = "context_length_exceeded" if "context limit" in str(e) else None
-            raise APIError(400, str(e), code=code, param="messages" if isinstance(req, P.ChatRequest) else "prompt")
+            param = "messages" if isinstance(req, P.ChatRequest) else "prompt"
+            raise APIError(400, str(e), code=code, param=param) from None
         return job, events
 
     def chat_ids(self, req: P.ChatRequest) -> list[int]:
