@@ -159,8 +159,12 @@ class BatchEngine:
                 admitted: list[Job] = []
                 while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                     admitted.append(self._waiting.popleft())
-            self._admit(admitted)
-            self._step()
+            try:
+                self._admit(admitted)
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a bug outside one request's guard: end what runs, keep serving
+                for r in list(self._running):
+                    self._end(r.job, e, r)
             with self._cv:
                 self._cv.notify_all()  # drain() waits on the counts
 
