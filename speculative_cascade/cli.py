@@ -67,22 +67,19 @@ def _draft_arg(draft: str | None):
 
 
 class _Streamer:
-    """Prints text as tokens are accepted, holding back incomplete UTF-8 sequences."""
+    """Prints text as tokens are accepted (``decoding.TextStream``: incomplete UTF-8 held back)."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+        from .decoding import TextStream  # heavy (torch): imported when the command runs
+
+        self.text = TextStream(tokenizer, [])
         self.first_token_s: float | None = None
 
     def __call__(self, new: list[int]) -> None:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - _START
-        self.ids.extend(new)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[self.printed :])
+        sys.stdout.write(self.text.feed(new))
         sys.stdout.flush()
-        self.printed = len(text)
 
 
 CASCADE_HELP = "Cascade file (TOML/YAML/JSON, see docs/cascade.md); overrides --draft."

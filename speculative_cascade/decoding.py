@@ -1,4 +1,4 @@
-"""The generate loop shared by every method, its statistics, and stop handling.
+"""The generate loop shared by every method, its statistics, stop handling and streamed text.
 
 The loop prefills the target, then runs *rounds* until enough tokens are out: a round
 (``cascade.ChainRound`` or ``cascade.TreeRound``) drafts, lets the target verify in one
@@ -139,6 +139,37 @@ class StopChecker:
                 if any(s in self.decode(generated[:n]) for s in self.stop_strings):
                     return n, "stop_string"
         return found
+
+
+class TextStream:
+    """The text of a growing list of token ids, handed out in pieces that never need taking back:
+    incomplete UTF-8 and anything that may still become a stop string are held back, and the
+    text ends before the first stop string (OpenAI leaves it out)."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def text(self) -> str:
+        t = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [i for i in (t.find(s) for s in self.stops) if i >= 0]
+        return t[: min(cuts)] if cuts else t
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        t = self.text()
+        if t.endswith("\ufffd"):
+            return ""
+        end = max(self.sent, len(t) - self.hold)
+        piece, self.sent = t[self.sent : end], end
+        return piece
+
+    def finish(self) -> str:
+        t = self.text()
+        piece, self.sent = t[self.sent :], max(self.sent, len(t))
+        return piece
 
 
 class Decoder:

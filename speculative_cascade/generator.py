@@ -131,8 +131,11 @@ class SpeculativeGenerator:
         self.K = K
         self._target_stage = ModelStage(self.target, self.max_len, name="target")
         self._round: Round | None = None
+        self.shared_models: dict = {}  # models its cascades share (the INT8 copy): built once, reused by a server
         if self.config is not None:
-            self._round, _ = build_round(self.config, self.target, self.max_len, progress=progress, host=self.host_model)
+            self._round, _ = build_round(
+                self.config, self.target, self.max_len, progress=progress, host=self.host_model, shared=self.shared_models
+            )
         elif self.draft is not None:  # two-stage: one draft model (the INT8 copy or the caller's)
             two_stage = CascadeConfig(stages=("draft",), k=(K,))
             draft_stage = ModelStage(self.draft, self.max_len, name="draft")

@@ -22,10 +22,10 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server's dependencies are not installed (pip install '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install '.[test]')")
-import uvicorn  # noqa: E402
 
 from speculative_cascade.generator import SpeculativeGenerator  # noqa: E402
 from speculative_cascade.serve import create_app  # noqa: E402
+from speculative_cascade.serve.app import LocalServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -47,31 +47,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Running:
-    """A uvicorn server in a thread."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Running(LocalServer):
+    """The server in a thread, with its engine at hand."""
 
     @property
     def engine(self):
         return self.app.state.server.engine
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

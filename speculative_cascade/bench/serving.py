@@ -12,9 +12,7 @@ invariance and losslessness).
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,12 +48,6 @@ def bench_prompts(n: int, prompt_set: str = "short") -> list[str]:
     return texts[:n]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_serving_bench(
     generator,
     *,
@@ -69,20 +61,15 @@ def run_serving_bench(
 ) -> list[ServingPoint]:
     """Start a server for ``generator`` on a free localhost port and load it; see the module docstring."""
     import openai  # the official client: what a user's code sends (an optional dependency)
-    import uvicorn  # an optional 'serve' dependency
 
     from ..serve import create_app  # noqa: I001 - fastapi, through the serve package
+    from ..serve.app import LocalServer  # noqa: I001 - fastapi and uvicorn, the serve extra
 
     prompts = bench_prompts(n_prompts, prompt_set)
     app = create_app(generator, model_name="bench", max_batch=max_batch, max_queue=max(max(clients), 1) * 2)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = LocalServer(app)
     metrics = app.state.server.metrics
-    url = f"http://127.0.0.1:{port}/v1"
+    url = server.url + "/v1"
 
     def sample(name: str) -> float:
         return metrics.registry.get_sample_value(name) or 0.0
@@ -149,8 +136,7 @@ def run_serving_bench(
                 if progress is not None:
                     progress(points[-1])
     finally:
-        server.should_exit = True
-        thread.join(30)
+        server.stop()
     return points
 
 

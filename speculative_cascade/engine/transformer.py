@@ -306,6 +306,10 @@ class Transformer(nn.Module):
             self._rot_cache = torch.view_as_real(self._rope_table(length)).contiguous()
         return self._rot_cache
 
+    def _rot_rows(self, start: int, T: int) -> torch.Tensor:
+        """The (cos, sin) rows of positions ``start .. start + T - 1``: a slice of the table."""
+        return self._rot_table(start + T)[start : start + T]
+
     def _rope_table(self, length: int) -> torch.Tensor:
         """Complex rotations ``(n, head_dim / 2)``: exp(i * pos * inv_freq), times the RoPE scale."""
         if self._rope_cache is None or self._rope_cache.shape[0] < length:
@@ -345,7 +349,7 @@ class Transformer(nn.Module):
             logits = torch.empty(B, n_out, self.output.out_features)
             for b in range(B):
                 if positions is None:  # a slice of the table: no gather on the decoding path
-                    rot = self._rot_table(starts[b] + T)[starts[b] : starts[b] + T]
+                    rot = self._rot_rows(starts[b], T)
                 else:
                     rot = self._rot_table(int(positions[b].max()) + 1)[positions[b]]
                 self._run_fused(fused, tokens[b], rot, cache, b, tree_mask, logits[b])
@@ -385,9 +389,7 @@ class Transformer(nn.Module):
         Ts = [int(t.shape[0]) for t, _ in items]
         n_outs = [1 if last_only else T for T in Ts]
         x = self.tok_embeddings(torch.cat([t for t, _ in items])).contiguous()  # (sum T, dim)
-        rot = torch.cat(
-            [self._rot_table(c.seqlens[0] + T)[c.seqlens[0] : c.seqlens[0] + T] for (_, c), T in zip(items, Ts)]
-        ).contiguous()
+        rot = torch.cat([self._rot_rows(c.seqlens[0], T) for (_, c), T in zip(items, Ts)]).contiguous()
         logits = torch.empty(sum(n_outs), self.output.out_features)
         ints = ctypes.c_int * n
         ptrs = ctypes.c_void_p * n

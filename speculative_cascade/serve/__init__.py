@@ -39,6 +39,7 @@ def create_app(generator, *, model_name: str, max_batch: int = 16, max_queue: in
         max_batch=max_batch,
         max_queue=max_queue,
         observer=metrics,
+        shared=generator.shared_models,
     )
     return _create(engine, metrics, model_name=model_name, api_key=api_key, drain_timeout=drain_timeout)
 

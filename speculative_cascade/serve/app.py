@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -23,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import CascadeConfig
-from ..decoding import StopChecker
+from ..decoding import StopChecker, TextStream
 from ..errors import CascadeError
 from ..prompts import encode_messages
 from ..sampling import SamplingParams
@@ -40,37 +42,6 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers
-
-
-class TextStream:
-    """The text of a growing list of token ids, handed out in pieces that never need taking back:
-    incomplete UTF-8 and anything that may still become a stop string are held back, and the
-    text ends before the first stop string (OpenAI leaves it out)."""
-
-    def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.sent = 0
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def text(self) -> str:
-        t = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (t.find(s) for s in self.stops) if i >= 0]
-        return t[: min(cuts)] if cuts else t
-
-    def feed(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        t = self.text()
-        if t.endswith("\ufffd"):
-            return ""
-        end = max(self.sent, len(t) - self.hold)
-        piece, self.sent = t[self.sent : end], end
-        return piece
-
-    def finish(self) -> str:
-        t = self.text()
-        piece, self.sent = t[self.sent :], max(self.sent, len(t))
-        return piece
 
 
 class Server:
@@ -335,3 +306,31 @@ async def _respond(server: Server, req: P.SamplingRequest, job: Job, events: asy
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class LocalServer:
+    """``app`` served by uvicorn on a free localhost port, in a thread of this process (the bench, the tests)."""
+
+    def __init__(self, app, timeout: float = 30.0) -> None:
+        import uvicorn  # the server itself: an optional 'serve' dependency, not needed by create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise CascadeError(f"the local server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -76,7 +76,8 @@ class BatchEngine:
 
     ``config``: the cascade every request runs unless it names its own (None: plain decoding).
     ``max_queue``: most requests waiting for a row; beyond it :meth:`submit` raises QueueFull.
-    ``observer``: an object with the hooks of :class:`EngineObserver` (metrics)."""
+    ``observer``: an object with the hooks of :class:`EngineObserver` (metrics); ``shared``: models
+    already built for the target (a generator's ``shared_models``), reused instead of built again."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class BatchEngine:
         max_batch: int = 16,
         max_queue: int = 256,
         observer: "EngineObserver | None" = None,
+        shared: dict | None = None,
     ) -> None:
         if max_batch < 1:
             raise CascadeError(f"max_batch must be >= 1, got {max_batch}")
@@ -97,7 +99,7 @@ class BatchEngine:
         self.max_len, self.max_batch, self.max_queue = max_len, max_batch, max_queue
         self.observer = observer or EngineObserver()
         self.eos = eos_ids(target, tokenizer)
-        self._shared: dict = {}  # models shared by every request's round (the INT8 copy)
+        self._shared: dict = shared if shared is not None else {}  # models every request's round shares (the INT8 copy)
         self._pool: list[ModelStage] = []  # the target with a KV cache, one per row; reused
         self._waiting: deque[Job] = deque()
         self._running: list[Row] = []
