@@ -101,9 +101,11 @@ def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
         for start in (0, 13 - M):
             got = _matmul(k, w, x[start : start + M], bias)
             assert torch.equal(got, one[start : start + M]), f"{variant} {fmt}: M={M} differs from one row"
-    # a quantized matrix gives exactly what the fp32 kernel gives on its dequantization
     dense = _matmul(k, PackedWeight.dense(w.dequantize()), x, bias)
-    assert torch.equal(_matmul(k, w, x, bias), dense)
+    if w.fmt == Format.I8:  # int8 takes each group's scale out of its sum: close to the dequantized product
+        torch.testing.assert_close(_matmul(k, w, x, bias), dense, rtol=1e-5, atol=1e-4)
+    else:  # 4-bit weights are dequantized in registers: exactly what the fp32 kernel gives on the dequantization
+        assert torch.equal(_matmul(k, w, x, bias), dense)
 
 
 def test_concat_of_mixed_formats_is_exact():

@@ -123,6 +123,11 @@ class PackedWeight:
         return self.dequantize(flat).view(*ids.shape, self.shape[1])
 
     @property
+    def has_min(self) -> bool:
+        """Is some group's min not 0 (quantized formats)? The kernels skip the mins' term otherwise."""
+        return self.sm is not None and bool(self.sm[..., 1].any())
+
+    @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.nbytes)
 

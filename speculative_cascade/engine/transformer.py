@@ -173,7 +173,7 @@ def sc_mat(packed: PackedWeight, bias: torch.Tensor | None) -> kernels.SCMat:
     sm = 0 if packed.sm is None else packed.sm.data_ptr()
     b = None if bias is None else bias.data_ptr()
     f16 = int(packed.sm is not None and packed.sm.dtype == torch.float16)
-    return kernels.SCMat(int(packed.fmt), packed.group, N, K, f16, packed.data.data_ptr(), sm, b)
+    return kernels.SCMat(int(packed.fmt), packed.group, N, K, f16, int(packed.has_min), packed.data.data_ptr(), sm, b)
 
 
 class Embedding(PackedModule):

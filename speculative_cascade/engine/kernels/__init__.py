@@ -54,6 +54,7 @@ class SCMat(ctypes.Structure):
         ("n", ctypes.c_int),
         ("k", ctypes.c_int),
         ("sm_f16", ctypes.c_int),
+        ("has_min", ctypes.c_int),
         ("w", ctypes.c_void_p),
         ("sm", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),

@@ -12,7 +12,8 @@
  *   LD_U8(p)            optional: VW bytes zero-extended to 32-bit lanes (else GCC's portable vectors)
  *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
- *   RB_DENSE(R)         optional: the same for fp32/fp16/bf16 weights (default RB_FOR)
+ *   RB_DENSE(R), RB_I8(R) optional: the same for fp32/fp16/bf16 and for int8 weights (default RB_FOR)
+ *   SC_HSUM8            optional: hsum8(a, out) gives hsum of eight vectors at once, bit for bit
  *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
  *                       the group's 16 dequantized values (one permute instead of convert + FMA)
  *
@@ -21,9 +22,12 @@
  * nibbles with a (scale, min) pair per 32 (GGML's Q4_1 layout: byte i of a group holds
  * element i in its low nibble and element i + 16 in its high one), rows interleaved in blocks
  * of Q4_ROWS: group by group, the block's rows' 16 bytes (and scale pairs) follow each other,
- * so a tile of weight rows reads one contiguous stream. RB_FOR(R) divides Q4_ROWS. Each weight vector is
- * dequantized in registers (q * scale + min, one rounding: exactly the fp32 dequantization)
- * and multiplied into fp32 accumulators. Activations stay fp32.
+ * so a tile of weight rows reads one contiguous stream. RB_FOR(R) divides Q4_ROWS. A 4-bit
+ * weight vector is dequantized in registers (q * scale + min, one rounding: exactly the fp32
+ * dequantization) and multiplied into fp32 accumulators. An int8 group's codes are multiplied
+ * with x first (one chain per group), and the sum is scaled into the accumulator: one multiply
+ * per weight fewer (Q8_0's output head, the INT8 drafts), and the mins' part, when a matrix
+ * has mins, is sum_g min_g * sum(x over g), added after. Activations stay fp32.
  *
  * Batch invariance: output (m, n) is one accumulator chain over k in a fixed order, reduced
  * in a fixed lane order, whatever the number of rows M, the row's place in the pass, the
@@ -45,9 +49,10 @@
 enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4 };
 
 /* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
- * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored). */
+ * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored); has_min: some min is
+ * not 0 (int8 only: without it the mins' term, exactly 0, is skipped). */
 typedef struct {
-    int fmt, group, n, k, sm_f16;
+    int fmt, group, n, k, sm_f16, has_min;
     const void *w;
     const void *sm;
     const float *bias;
@@ -67,12 +72,18 @@ typedef struct {
 #define vdeq(q, d, m) vfma(q, d, m)
 #endif
 #define SC_UNROLL _Pragma("GCC unroll 16")
+/* Hide a pointer's value from the optimizer: x is read again from L1 for each weight row instead
+ * of being kept in (and spilled from) the few vector registers. */
+#define SC_OPAQUE(p) __asm__("" : "+r"(p))
 #define RBMAX 8
 #ifndef RB_DENSE
 #define RB_DENSE(R) RB_FOR(R)
 #endif
 /* weight rows per block for format F and R rows of x */
-#define RB_OF(F, R) ((F) <= SC_BF16 ? RB_DENSE(R) : RB_FOR(R))
+#ifndef RB_I8
+#define RB_I8(R) RB_FOR(R)
+#endif
+#define RB_OF(F, R) ((F) <= SC_BF16 ? RB_DENSE(R) : (F) == SC_I8 ? RB_I8(R) : RB_FOR(R))
 #define Q4_ROWS 8
 
 typedef int vi __attribute__((vector_size(VW * 4)));
@@ -133,9 +144,59 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     }
 }
 
+/* int8 weights, one group g of G inputs, for weight rows n0..n0+RB-1 and R rows of x: per (row, weight
+ * row), t = the group's q . x in input order (one chain), then acc += t * d. The same arithmetic
+ * whatever R and RB: batch-invariant. (w = q * d + m; the min's part is min_term's.) */
+static inline __attribute__((always_inline)) void i8_group(const int G, const int R, const int RB, const sc_mat *W,
+                                                          const float *x, int ldx, int n0, int g, const float *d,
+                                                          vf acc[RMAX][RBMAX]) {
+    SC_UNROLL for (int j = 0; j < RB; j++) {
+        const int8_t *wq = (const int8_t *)W->w + (size_t)(n0 + j) * W->k + (size_t)g * G;
+        const float *xg = x + (size_t)g * G;
+        SC_OPAQUE(xg);
+        vf t[RMAX];
+        {
+            vf q = cvt_i8(wq);
+            SC_UNROLL for (int r = 0; r < R; r++) t[r] = q * vload(xg + (size_t)r * ldx);
+        }
+        for (int kk = VW; kk < G; kk += VW) {
+            vf q = cvt_i8(wq + kk);
+            SC_UNROLL for (int r = 0; r < R; r++) t[r] = vfma(q, vload(xg + (size_t)r * ldx + kk), t[r]);
+        }
+        vf dj = vsplat(d[j]);
+        SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(t[r], dj, acc[r][j]);
+    }
+}
+
+/* The sum of G inputs (lanes, then the lanes' tree): what a group's min multiplies. */
+static inline float group_sum(const float *x, int G) {
+    vf a = vsplat(0.f);
+    int i = 0;
+    for (; i + VW <= G; i += VW) a = a + vload(x + i);
+    float s = hsum(a);
+    for (; i < G; i++) s += x[i];
+    return s;
+}
+
+#define XS_MAX 512 /* groups per row whose sums a pass keeps on the stack; more: summed where used */
+
+/* The mins' part of an int8 row's product with x: sum over groups of m_g * group_sum(x_g), in
+ * group order; xs: those sums, or NULL to sum here. */
+static inline float min_term(const sc_mat *W, size_t n, const float *x, const float *xs) {
+    int ng = W->k / W->group;
+    float s = 0.f;
+    for (int g = 0; g < ng; g++) {
+        size_t at = 2 * (n * ng + g) + 1;
+        float m = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
+        s += m * (xs ? xs[g] : group_sum(x + (size_t)g * W->group, W->group));
+    }
+    return s;
+}
+
 /* R rows of x (row stride ldx) against weight rows n0..n0+RB-1: y[r * ldy + n] = x_r . w_n + b_n. */
 static inline __attribute__((always_inline)) void tile(const int fmt, const int R, const int RB, const sc_mat *W,
-                                                      const float *x, int ldx, float *y, int ldy, int n0) {
+                                                      const float *x, int ldx, const float *xs, float *y, int ldy,
+                                                      int n0) {
     const int K = W->k, G = W->group, ng = K / G;
     const int quant = fmt == SC_I8 || fmt == SC_Q4;
     vf acc[RMAX][RBMAX];
@@ -187,8 +248,22 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
             continue;
         }
 #endif
+        if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
+            { /* the next block's rows, a slice per group: one stream ahead of the eight */
+                const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * K / ng;
+                for (int l = 0; l < RB * G; l += 64) __builtin_prefetch(nx + l);
+            }
+            if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
+            else if (G == 16) i8_group(16, R, RB, W, x, ldx, n0, g, d, acc);
+            else i8_group(G, R, RB, W, x, ldx, n0, g, d, acc);
+            continue;
+        }
+        const int es = fmt == SC_F32 ? 4 : 2; /* dense: fp32 or a 16-bit float */
+        const char *ahead = (const char *)W->w + (size_t)(n0 + RB) * K * es;
         for (int kk = 0; kk < G; kk += VW) {
             int k = g * G + kk;
+            if (kk % (64 / es) == 0) /* the next block's rows, a line each per 64 bytes of a row */
+                SC_UNROLL for (int j = 0; j < RB; j++) __builtin_prefetch(ahead + ((size_t)j * K + k) * es);
             vf xv[RMAX];
             SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
             SC_UNROLL for (int j = 0; j < RB; j++) {
@@ -197,8 +272,21 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
             }
         }
     }
+    float sums[RMAX * RBMAX];
+#ifdef SC_HSUM8 /* eight accumulators' trees at once: the same adds, in vector registers */
+    {
+        vf flat[RMAX * RBMAX];
+        int i = 0;
+        SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) flat[r * RB + j] = acc[r][j];
+        for (; i + 8 <= R * RB; i += 8) hsum8(flat + i, sums + i);
+        for (; i < R * RB; i++) sums[i] = hsum(flat[i]);
+    }
+#else
+    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) sums[r * RB + j] = hsum(acc[r][j]);
+#endif
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) {
-        float s = hsum(acc[r][j]);
+        float s = sums[r * RB + j];
+        if (fmt == SC_I8 && W->has_min) s += min_term(W, (size_t)(n0 + j), x + (size_t)r * ldx, xs ? xs + (size_t)r * ng : NULL);
         y[(size_t)r * ldy + n0 + j] = W->bias ? s + W->bias[n0 + j] : s;
     }
 }
@@ -207,19 +295,24 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
  * (M split evenly: 9 rows = 3 + 3 + 3). rb is RB_OF(fmt, R), or smaller for the last block. */
 #define TILE_R(F, RR)                                                                                 \
     if (R == RR) {                                                                                    \
-        if (rb == RB_OF(F, RR)) tile(F, RR, RB_OF(F, RR), W, xm, ldx, ym, ldy, n0);                   \
-        else if (rb == RB_OF(F, RR + 1)) tile(F, RR, RB_OF(F, RR + 1), W, xm, ldx, ym, ldy, n0);      \
-        else for (int j = 0; j < rb; j++) tile(F, RR, 1, W, xm, ldx, ym, ldy, n0 + j);                \
+        if (rb == RB_OF(F, RR)) tile(F, RR, RB_OF(F, RR), W, xm, ldx, xsm, ym, ldy, n0);                   \
+        else if (rb == RB_OF(F, RR + 1)) tile(F, RR, RB_OF(F, RR + 1), W, xm, ldx, xsm, ym, ldy, n0);      \
+        else for (int j = 0; j < rb; j++) tile(F, RR, 1, W, xm, ldx, xsm, ym, ldy, n0 + j);                \
         continue;                                                                                     \
     }
 
 static inline __attribute__((always_inline)) void block_rows(const int fmt, const sc_mat *W, const float *x,
                                                             int ldx, int M, float *y, int ldy, int n0, int rb,
                                                             int passes) {
-    int base = M / passes, extra = M % passes, m0 = 0;
+    int base = M / passes, extra = M % passes, m0 = 0, ng = W->k / W->group;
+    const int mins = fmt == SC_I8 && W->has_min && ng <= XS_MAX;
+    float xs[mins ? RMAX * XS_MAX : 1];
     for (int p = 0; p < passes; p++) {
         int R = base + (p < extra);
-        const float *xm = x + (size_t)m0 * ldx;
+        const float *xm = x + (size_t)m0 * ldx, *xsm = mins ? xs : NULL;
+        if (mins)
+            for (int r = 0; r < R; r++)
+                for (int g = 0; g < ng; g++) xs[r * ng + g] = group_sum(xm + (size_t)r * ldx + (size_t)g * W->group, W->group);
         float *ym = y + (size_t)m0 * ldy;
         m0 += R;
         TILE_R(fmt, 1)
