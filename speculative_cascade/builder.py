@@ -168,10 +168,10 @@ def build_round(
 
 
 def calibration(target) -> Calibration:
-    """This machine's calibration cache for ``target`` (model, CPU and kernel variant in the key; for
-    a target on a JAX mesh, the mesh)."""
+    """This machine's calibration cache for ``target`` (model, CPU and kernel variant and build in the
+    key, so rebuilt kernels measure afresh; for a target on a JAX mesh, the mesh)."""
     k = kernels.get()
-    variant = getattr(target, "backend_name", None) or (k.variant if k else "torch")
+    variant = getattr(target, "backend_name", None) or (f"{k.variant}@{k.build}" if k else "torch")
     return Calibration.load(cache_dir(), Calibration.key_for(target, kernels.cpu_name(), variant))
 
 

@@ -91,6 +91,7 @@ class Kernels:
     lib: ctypes.CDLL
     vector_width: int
     rows_per_pass: int
+    build: str = ""  # the library's size and modification time: a rebuilt library is another build
 
     @classmethod
     def open(cls, variant: str, path: Path) -> "Kernels":
@@ -128,7 +129,8 @@ class Kernels:
         lib.sc_forward_batch.restype = ctypes.c_int
         lib.sc_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
         lib.sc_stream_sum.restype = ctypes.c_float
-        return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass())
+        st = path.stat()
+        return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass(), f"{st.st_size:x}-{int(st.st_mtime):x}")
 
     def stream_bandwidth(self, megabytes: int = 512, repeats: int = 5) -> float:
         """This machine's streaming read bandwidth in bytes/s (best of ``repeats`` reads of a buffer

@@ -168,6 +168,38 @@ static inline __attribute__((always_inline)) void i8_group(const int G, const in
     }
 }
 
+/* int8 weights with one scale per row (group = K, the INT8 drafts): i8_group's arithmetic for one
+ * group (t = q . x in input order, then acc += t * d), with the weight rows' chains interleaved
+ * (one long chain per row would wait on the multiply-add's latency). */
+static inline __attribute__((always_inline)) void i8_row(const int R, const int RB, const sc_mat *W, const float *x,
+                                                        int ldx, int n0, const float *d, vf acc[RMAX][RBMAX]) {
+    const int K = W->k;
+    const int8_t *w0 = (const int8_t *)W->w + (size_t)n0 * K;
+    const char *ahead = (const char *)(w0 + (size_t)RB * K);
+    vf t[RMAX][RBMAX];
+    {
+        vf xv[RMAX];
+        SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx);
+        SC_UNROLL for (int j = 0; j < RB; j++) {
+            vf q = cvt_i8(w0 + (size_t)j * K);
+            SC_UNROLL for (int r = 0; r < R; r++) t[r][j] = q * xv[r];
+        }
+    }
+    for (int k = VW; k < K; k += VW) {
+        if (k % 64 == 0) SC_UNROLL for (int j = 0; j < RB; j++) __builtin_prefetch(ahead + (size_t)j * K + k);
+        vf xv[RMAX];
+        SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
+        SC_UNROLL for (int j = 0; j < RB; j++) {
+            vf q = cvt_i8(w0 + (size_t)j * K + k);
+            SC_UNROLL for (int r = 0; r < R; r++) t[r][j] = vfma(q, xv[r], t[r][j]);
+        }
+    }
+    SC_UNROLL for (int j = 0; j < RB; j++) {
+        vf dj = vsplat(d[j]);
+        SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(t[r][j], dj, acc[r][j]);
+    }
+}
+
 /* The sum of G inputs (lanes, then the lanes' tree): what a group's min multiplies. */
 static inline float group_sum(const float *x, int G) {
     vf a = vsplat(0.f);
@@ -249,11 +281,12 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         }
 #endif
         if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
-            { /* the next block's rows, a slice per group: one stream ahead of the eight */
+            if (ng > 1) { /* the next block's rows, a slice per group: one stream ahead of the eight */
                 const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * K / ng;
                 for (int l = 0; l < RB * G; l += 64) __builtin_prefetch(nx + l);
             }
-            if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
+            if (ng == 1) i8_row(R, RB, W, x, ldx, n0, d, acc);
+            else if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
             else if (G == 16) i8_group(16, R, RB, W, x, ldx, n0, g, d, acc);
             else i8_group(G, R, RB, W, x, ldx, n0, g, d, acc);
             continue;
