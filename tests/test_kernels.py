@@ -75,6 +75,9 @@ def _weights(N: int, K: int, seed: int = 0) -> dict[str, PackedWeight]:
         "i8-32": PackedWeight.int8(q8, torch.rand(N, K // 32, generator=g) / 50),
         "q4": PackedWeight.q4(q4, torch.stack([torch.rand(N, K // 32, generator=g) / 5,
                                                 torch.randn(N, K // 32, generator=g)], -1)),
+        # scales exact in fp16 are kept as fp16, as a GGUF file stores them
+        "q4-f16": PackedWeight.q4(q4, torch.stack([torch.rand(N, K // 32, generator=g) / 5,
+                                                    torch.randn(N, K // 32, generator=g)], -1).half().float()),
     }
 
 
@@ -87,11 +90,14 @@ def _matmul(k, w: PackedWeight, x: torch.Tensor, bias=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4", "q4-f16", "q4-odd"])
 def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
     k = kernels.get(variant)
-    N, K = 37, 96  # N not a multiple of any block size
-    w = _weights(N, K)[fmt]
+    # N not a multiple of any block size; 4-bit rows come in blocks of 8 (else they are stored as int8)
+    N, K = (37 if fmt.endswith("-odd") or not fmt.startswith("q4") else 40), 96
+    w = _weights(N, K)[fmt.removesuffix("-odd")]
+    assert (w.fmt == Format.Q4) == (fmt in ("q4", "q4-f16"))
+    assert w.sm is None or (w.sm.dtype == torch.float16) == fmt.endswith("f16")
     bias = torch.randn(N)
     x = torch.randn(13, K)
     ref = x.double() @ w.dequantize().double().T + bias.double()

@@ -235,7 +235,18 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
     for (int g = 0; g < ng; g++) {
         float d[RBMAX], m[RBMAX];
-        SC_UNROLL for (int j = 0; j < RB; j++) {
+        if (fmt == SC_Q4 && W->sm_f16) { /* the block's (scale, min) pairs for g: 16 consecutive halves */
+            const uint16_t *p = (const uint16_t *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS);
+            float dm[2 * Q4_ROWS];
+            SC_UNROLL for (int i = 0; i < 2 * Q4_ROWS; i += VW) {
+                vf v = cvt_f16(p + i);
+                memcpy(dm + i, &v, sizeof v);
+            }
+            SC_UNROLL for (int j = 0; j < RB; j++) {
+                d[j] = dm[2 * (n0 % Q4_ROWS + j)];
+                m[j] = dm[2 * (n0 % Q4_ROWS + j) + 1];
+            }
+        } else SC_UNROLL for (int j = 0; j < RB; j++) {
             size_t n = (size_t)(n0 + j);
             size_t at = 2 * (fmt == SC_Q4 ? ((n / Q4_ROWS) * ng + g) * Q4_ROWS + n % Q4_ROWS : n * ng + g);
             if (!quant) d[j] = m[j] = 0.f;
@@ -369,9 +380,56 @@ static inline __attribute__((always_inline)) void block_rows(const int fmt, cons
 
 /* Inside a parallel region: y (M, n) at column offset 0 of rows with stride ldy = x @ W^T + b.
  * Blocks of weight rows are split statically over the threads; ends with a barrier. */
+/* 4-bit rows n0..n0+Q4_ROWS-1 dequantized into buf (Q4_ROWS, K): the values the 4-bit tile makes in
+ * registers (q * scale + min, one rounding), so the fp32 tile over buf gives its results bit for bit. */
+static void q4_dequantize_block(const sc_mat *W, int n0, float *buf) {
+    const int K = W->k, ng = K / 32;
+    const uint8_t *blk = (const uint8_t *)W->w + (size_t)(n0 / Q4_ROWS) * ng * Q4_ROWS * 16;
+    for (int g = 0; g < ng; g++) {
+        __builtin_prefetch(blk + (size_t)(ng + g) * Q4_ROWS * 16); /* the next block, as this one is read */
+        __builtin_prefetch(blk + (size_t)(ng + g) * Q4_ROWS * 16 + 64);
+        for (int j = 0; j < Q4_ROWS; j++) {
+            size_t at = 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + j);
+            float d = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
+            float m = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at + 1]) : ((const float *)W->sm)[at + 1];
+            const uint8_t *b = blk + ((size_t)g * Q4_ROWS + j) * 16;
+            float *out = buf + (size_t)j * K + (size_t)g * 32;
+            SC_UNROLL for (int h = 0; h < 16 / VW; h++) {
+                vi q = ld_u8(b + h * VW);
+                vf lo = vdeq(__builtin_convertvector(q & 15, vf), vsplat(d), vsplat(m));
+                vf hi = vdeq(__builtin_convertvector(q >> 4, vf), vsplat(d), vsplat(m));
+                memcpy(out + h * VW, &lo, sizeof lo);
+                memcpy(out + 16 + h * VW, &hi, sizeof hi);
+            }
+        }
+    }
+}
+
 static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy) {
     int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_OF(W->fmt, R0);
     int nb = (W->n + RB - 1) / RB, ldx = W->k;
+    if (W->fmt == SC_Q4 && passes > 1) {
+        /* more rows than one pass holds: each block of 4-bit rows is dequantized once (not once per
+         * pass) and the passes run the fp32 tile over it; the same values, so the same results */
+        float *buf = (float *)malloc((size_t)Q4_ROWS * W->k * sizeof(float)); /* this thread's */
+        int RBd = RB_DENSE(R0);
+#pragma omp for schedule(static)
+        for (int b = 0; b < W->n / Q4_ROWS; b++) {
+            int n0 = b * Q4_ROWS;
+            if (!buf) { /* no memory for it: the 4-bit tile, pass by pass */
+                for (int n = n0; n < n0 + Q4_ROWS; n += RB) block_rows(SC_Q4, W, x, ldx, M, y, ldy, n, RB, passes);
+                continue;
+            }
+            q4_dequantize_block(W, n0, buf);
+            sc_mat D = {SC_F32, W->k, Q4_ROWS, W->k, 0, 0, buf, NULL, W->bias ? W->bias + n0 : NULL};
+            for (int n = 0; n < Q4_ROWS; n += RBd) {
+                int rb = Q4_ROWS - n < RBd ? Q4_ROWS - n : RBd;
+                block_rows(SC_F32, &D, x, ldx, M, y + n0, ldy, n, rb, passes);
+            }
+        }
+        free(buf);
+        return;
+    }
 #pragma omp for schedule(static)
     for (int b = 0; b < nb; b++) {
         int n0 = b * RB, rb = W->n - n0 < RB ? W->n - n0 : RB;
