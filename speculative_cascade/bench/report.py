@@ -79,9 +79,12 @@ class MethodReport:
     rounds_by_draft_length: list[int] | None = None  # [k]: rounds that verified k drafted tokens
     rounds_without_drafting: float | None = None  # share of the rounds (an adaptive method's plain steps)
     stages: list[StageTotals] | None = None
+    rounds: int | None = None  # verification rounds, summed over the prompts
+    decode_seconds: float | None = None  # decoding time (prefill excluded), summed over the prompts
     predicted: Prediction | None = None
     predicted_decode_tokens_per_s: float | None = None
     prediction_error: float | None = None
+    prediction_terms: dict | None = None  # the measured counterpart of each predicted term, and the largest miss
     identical_to_ar: bool | None = None
     prompts_differing_from_ar: list | None = None
     speedup_vs_ar: float | None = None
@@ -168,6 +171,8 @@ def _add_acceptance(m: MethodReport, stats: list[dict]) -> None:
     m.rounds_without_drafting = m.rounds_by_draft_length[0] / rounds if rounds and m.rounds_by_draft_length else None
     m.time_draft_s = sum(s["draft_s"] for s in stats)
     m.time_verify_s = sum(s["verify_s"] for s in stats)
+    m.rounds = rounds
+    m.decode_seconds = sum(s["total_s"] - s["prefill_s"] for s in stats)
     m.stages = stage_totals(stats)
 
 
@@ -204,6 +209,33 @@ def add_prediction(m: MethodReport, p: Prediction) -> None:
     m.predicted_decode_tokens_per_s = p.decode_tokens_per_s
     if m.decode_tokens_per_s:
         m.prediction_error = p.decode_tokens_per_s / m.decode_tokens_per_s - 1
+    m.prediction_terms = prediction_terms(m, p)
+
+
+def prediction_terms(m: MethodReport, p: Prediction) -> dict | None:
+    """Each term of the prediction (tokens a round, draft, verify and overhead ms a round) beside
+    what the run measured, and each term's share of the error in decode tok/s: the predicted rate is
+    tokens/round over round time, so a term's miss is its relative error (tokens a round) or its
+    excess over the measured round time (the three times). ``largest`` names the worst."""
+    if not m.rounds or not m.decode_seconds or m.time_draft_s is None or m.time_verify_s is None:
+        return None
+    per = 1e3 / m.rounds
+    measured = {
+        "tokens_per_round": m.mean_accepted_length or 0.0,
+        "draft_ms": m.time_draft_s * per,
+        "verify_ms": m.time_verify_s * per,
+        "overhead_ms": (m.decode_seconds - m.time_draft_s - m.time_verify_s) * per,
+    }
+    if not measured["tokens_per_round"]:
+        return None
+    round_ms = m.decode_seconds * per
+    miss = {
+        "acceptance": p.tokens_per_round / measured["tokens_per_round"] - 1,
+        "draft": (measured["draft_ms"] - p.draft_ms) / round_ms,
+        "verify": (measured["verify_ms"] - p.verify_ms) / round_ms,
+        "overhead": (measured["overhead_ms"] - p.overhead_ms) / round_ms,
+    }
+    return {"measured": measured, "miss": miss, "largest": max(miss, key=lambda k: abs(miss[k]))}
 
 
 # -- shared formatting ---------------------------------------------------------------------------
@@ -292,6 +324,13 @@ def print_terminal(report: BenchReport, console: Console) -> None:
             f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
             f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s"
         )
+    misses = [
+        f"{n} {m.prediction_terms['largest']} {m.prediction_terms['miss'][m.prediction_terms['largest']]:+.0%}"
+        for n, m in report.methods.items()
+        if m.prediction_error is not None and abs(m.prediction_error) > 0.1 and m.prediction_terms
+    ]
+    if misses:
+        console.print("predictions off by more than 10%, largest term: " + ", ".join(misses))
     for name, m in report.methods.items():
         if m.stages and len(m.stages) >= 3:
             title = f"{name}: per stage (gamma g_{{i+1|i}}: stage i's proposals accepted by stage i+1)"
@@ -382,22 +421,35 @@ def _prediction_table(methods: dict[str, MethodReport]) -> list[str]:
         "## Cost model: predicted vs measured decode tok/s",
         "",
         "Each method's rounds profiled on held-out prompts of the same file (one per category, 48 new tokens), "
-        "predicted for this run's mean context and length (docs/cost-model.md).",
+        "predicted for this run's mean context and length (docs/cost-model.md). Each term: predicted / "
+        "measured in this run, per round; `largest miss`: the term that moved the prediction most (its share "
+        "of the error in decode tok/s).",
         "",
     ]
+
+    def pair(m: MethodReport, predicted: float, key: str, spec: str) -> str:
+        t = m.prediction_terms
+        return f"{predicted:{spec}}" + (f" / {t['measured'][key]:{spec}}" if t else "")
+
+    def largest(m: MethodReport) -> str:
+        t = m.prediction_terms
+        return f"{t['largest']} {t['miss'][t['largest']]:+.1%}" if t else "-"
+
     return out + _md_table(
-        ("method", "predicted", "measured", "error", "tokens/round", "draft ms", "verify ms", "overhead ms"),
-        ("---",) + ("---:",) * 7,
+        ("method", "predicted", "measured", "error", "tokens/round", "draft ms", "verify ms", "overhead ms",
+         "largest miss"),
+        ("---",) + ("---:",) * 7 + ("---",),
         [
             (
                 n,
                 f"{p.decode_tokens_per_s:.1f}",
                 _fmt(m.decode_tokens_per_s, ".1f"),
                 _fmt(m.prediction_error, "+.1%"),
-                f"{p.tokens_per_round:.2f}",
-                f"{p.draft_ms:.1f}",
-                f"{p.verify_ms:.1f}",
-                f"{p.overhead_ms:.2f}",
+                pair(m, p.tokens_per_round, "tokens_per_round", ".2f"),
+                pair(m, p.draft_ms, "draft_ms", ".1f"),
+                pair(m, p.verify_ms, "verify_ms", ".1f"),
+                pair(m, p.overhead_ms, "overhead_ms", ".2f"),
+                largest(m),
             )
             for n, m, p in rows
         ],
