@@ -10,6 +10,8 @@ decoding is a chain round without a drafter.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -286,7 +288,22 @@ def generate_tokens(
     autoregressive decoding). ``on_tokens`` receives the new tokens of every round as they are final.
     """
     dec = Decoder(target, prompt_ids, round, max_new_tokens=max_new_tokens, params=params, stop=stop, on_tokens=on_tokens)
-    dec.start()
-    while not dec.done:
-        dec.step()
+    with gc_paused():
+        dec.start()
+        while not dec.done:
+            dec.step()
     return dec.finish()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for the duration (as it was before, after): a decoding
+    loop makes few cycles, and a collection walks every object of the loaded models (measured:
+    ~6% of an INT8 draft's one-token forwards). Reference counting still frees everything else."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

@@ -172,8 +172,13 @@ static inline __attribute__((always_inline)) void i8_group(const int G, const in
  * group (t = q . x in input order, then acc += t * d), with the weight rows' chains interleaved
  * (one long chain per row would wait on the multiply-add's latency). */
 static inline __attribute__((always_inline)) void i8_row(const int R, const int RB, const sc_mat *W, const float *x,
-                                                        int ldx, int n0, const float *d, vf acc[RMAX][RBMAX]) {
+                                                        int ldx, int n0, vf acc[RMAX][RBMAX]) {
     const int K = W->k;
+    float d[RBMAX];
+    SC_UNROLL for (int j = 0; j < RB; j++) {
+        size_t at = 2 * (size_t)(n0 + j);
+        d[j] = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
+    }
     const int8_t *w0 = (const int8_t *)W->w + (size_t)n0 * K;
     const char *ahead = (const char *)(w0 + (size_t)RB * K);
     vf t[RMAX][RBMAX];
@@ -233,7 +238,9 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
     const int quant = fmt == SC_I8 || fmt == SC_Q4;
     vf acc[RMAX][RBMAX];
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
-    for (int g = 0; g < ng; g++) {
+    /* int8 with one scale per row: no group loop, so the accumulators are not live across it */
+    if (fmt == SC_I8 && ng == 1) i8_row(R, RB, W, x, ldx, n0, acc);
+    else for (int g = 0; g < ng; g++) {
         float d[RBMAX], m[RBMAX];
         if (fmt == SC_Q4 && W->sm_f16) { /* the block's (scale, min) pairs for g: 16 consecutive halves */
             const uint16_t *p = (const uint16_t *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS);
@@ -292,12 +299,11 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         }
 #endif
         if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
-            if (ng > 1) { /* the next block's rows, a slice per group: one stream ahead of the eight */
+            { /* the next block's rows, a slice per group: one stream ahead of the eight */
                 const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * K / ng;
                 for (int l = 0; l < RB * G; l += 64) __builtin_prefetch(nx + l);
             }
-            if (ng == 1) i8_row(R, RB, W, x, ldx, n0, d, acc);
-            else if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
+            if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
             else if (G == 16) i8_group(16, R, RB, W, x, ldx, n0, g, d, acc);
             else i8_group(G, R, RB, W, x, ldx, n0, g, d, acc);
             continue;
@@ -678,8 +684,9 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
         if (!failed) {
             for (int l = 0; l < n_layers; l++) {
                 const sc_layer *ly = L + l;
+                if (l == 0) /* later layers' input norm comes with the previous layer's residual add */
 #pragma omp for schedule(static)
-                for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * D, ly->attn_norm, h + (size_t)t * D, D, dm->eps);
+                    for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * D, ly->attn_norm, h + (size_t)t * D, D, dm->eps);
                 par_matmul(&ly->qkv, h, T, qkv, qkv_w);
                 attention(qkv, rot, &bt, (size_t)l * layer_stride, q, part, sc, n_vis, att, T, max_chunks, nh, nkv, hd);
                 par_matmul(&ly->o, att, T, o, D);
@@ -690,22 +697,25 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
                     rmsnorm_row(xt, ly->ffn_norm, h + (size_t)t * D, D, dm->eps);
                 }
                 par_matmul(&ly->gate_up, h, T, gu, 2 * H);
+                int nv = H / VW; /* silu(g) * u: split over the vectors of every token (a row's tail: one job) */
 #pragma omp for schedule(static)
-                for (int t = 0; t < T; t++) {
+                for (int c = 0; c < T * (nv + 1); c++) {
+                    int t = c / (nv + 1), v = c % (nv + 1);
                     const float *g = gu + (size_t)t * 2 * H, *u = g + H;
                     float *a = act + (size_t)t * H;
-                    int i = 0;
-                    for (; i + VW <= H; i += VW) {
+                    if (v < nv) {
+                        int i = v * VW;
                         vf gv = vload(g + i), r = gv / (vsplat(1.0f) + vexp(vsplat(0.f) - gv)) * vload(u + i);
                         memcpy(a + i, &r, sizeof r);
-                    }
-                    for (; i < H; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+                    } else
+                        for (int i = nv * VW; i < H; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
                 }
                 par_matmul(&ly->down, act, T, o, D);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
                     float *xt = x + (size_t)t * D, *ot = o + (size_t)t * D;
                     for (int i = 0; i < D; i++) xt[i] += ot[i];
+                    if (l + 1 < n_layers) rmsnorm_row(xt, L[l + 1].attn_norm, h + (size_t)t * D, D, dm->eps);
                 }
             }
             if (head) {
