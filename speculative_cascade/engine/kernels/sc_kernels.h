@@ -154,6 +154,18 @@ static inline __attribute__((always_inline)) void i8_group(const int G, const in
         const int8_t *wq = (const int8_t *)W->w + (size_t)(n0 + j) * W->k + (size_t)g * G;
         const float *xg = x + (size_t)g * G;
         SC_OPAQUE(xg);
+        vf dj = vsplat(d[j]);
+        if (R > 1 && G <= 4 * VW) { /* rows of x: the group's codes converted once, then one row at a time */
+            vf q[4];
+            SC_UNROLL for (int v = 0; v < G / VW; v++) q[v] = cvt_i8(wq + v * VW);
+            SC_UNROLL for (int r = 0; r < R; r++) {
+                const float *xr = xg + (size_t)r * ldx;
+                vf t = q[0] * vload(xr);
+                SC_UNROLL for (int v = 1; v < G / VW; v++) t = vfma(q[v], vload(xr + v * VW), t);
+                acc[r][j] = vfma(t, dj, acc[r][j]);
+            }
+            continue;
+        }
         vf t[RMAX];
         {
             vf q = cvt_i8(wq);
@@ -163,7 +175,6 @@ static inline __attribute__((always_inline)) void i8_group(const int G, const in
             vf q = cvt_i8(wq + kk);
             SC_UNROLL for (int r = 0; r < R; r++) t[r] = vfma(q, vload(xg + (size_t)r * ldx + kk), t[r]);
         }
-        vf dj = vsplat(d[j]);
         SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(t[r], dj, acc[r][j]);
     }
 }
