@@ -22,6 +22,7 @@ to F32 by the ``gguf`` package. The INT8 draft is I8 with one group per row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -122,7 +123,7 @@ class PackedWeight:
         flat = ids.reshape(-1)
         return self.dequantize(flat).view(*ids.shape, self.shape[1])
 
-    @property
+    @functools.cached_property
     def has_min(self) -> bool:
         """Is some group's min not 0 (quantized formats)? The kernels skip the mins' term otherwise."""
         return self.sm is not None and bool(self.sm[..., 1].any())
