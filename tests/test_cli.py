@@ -188,6 +188,12 @@ def test_bench_report(tmp_path, tiny_model_dir):
         assert rep["methods"][m]["predicted_decode_tokens_per_s"] > 0
         assert rep["methods"][m]["predicted"]["tokens_per_round"] >= 1.0
     assert "predicted" not in rep["methods"]["hf"]
+    terms = rep["methods"]["spec"]["prediction_terms"]  # each predicted term beside its measured value
+    m, pred = terms["measured"], rep["methods"]["spec"]["predicted"]
+    assert m["tokens_per_round"] == rep["methods"]["spec"]["mean_accepted_length"]
+    assert m["draft_ms"] > 0 and m["verify_ms"] > 0
+    assert terms["largest"] in terms["miss"]
+    assert terms["miss"]["acceptance"] == pytest.approx(pred["tokens_per_round"] / m["tokens_per_round"] - 1)
     check = rep["methods"]["spec"]["sampling_check"]
     assert check["samples"] == 100 and check["p_value"] > 1e-4  # fails by chance once in 10,000 runs
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
