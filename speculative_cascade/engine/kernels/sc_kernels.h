@@ -144,6 +144,15 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     }
 }
 
+/* Entry i of a matrix's (scale, min) array, fp16 or fp32 as stored. */
+static inline float sm_at(const sc_mat *W, size_t i) {
+    return W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[i]) : ((const float *)W->sm)[i];
+}
+
+/* VW 4-bit weights from VW bytes zero-extended: their low nibbles (hi = 0) or high ones, as
+ * q * d + m with one rounding: exactly the fp32 dequantization. */
+static inline vf q4_deq(vi q, int hi, vf d, vf m) { return vdeq(__builtin_convertvector(hi ? q >> 4 : q & 15, vf), d, m); }
+
 /* int8 weights, one group g of G inputs, for weight rows n0..n0+RB-1 and R rows of x: per (row, weight
  * row), t = the group's q . x in input order (one chain), then acc += t * d. The same arithmetic
  * whatever R and RB: batch-invariant. (w = q * d + m; the min's part is min_term's.) */
@@ -155,7 +164,7 @@ static inline __attribute__((always_inline)) void i8_group(const int G, const in
         const float *xg = x + (size_t)g * G;
         SC_OPAQUE(xg);
         vf dj = vsplat(d[j]);
-        if (R > 1 && G <= 4 * VW) { /* rows of x: the group's codes converted once, then one row at a time */
+        if (R > 1 && G >= VW && G <= 4 * VW) { /* rows of x: the group's codes converted once, then one row at a time */
             vf q[4];
             SC_UNROLL for (int v = 0; v < G / VW; v++) q[v] = cvt_i8(wq + v * VW);
             SC_UNROLL for (int r = 0; r < R; r++) {
@@ -188,7 +197,7 @@ static inline __attribute__((always_inline)) void i8_row(const int R, const int 
     float d[RBMAX];
     SC_UNROLL for (int j = 0; j < RB; j++) {
         size_t at = 2 * (size_t)(n0 + j);
-        d[j] = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
+        d[j] = sm_at(W, at);
     }
     const int8_t *w0 = (const int8_t *)W->w + (size_t)n0 * K;
     const char *ahead = (const char *)(w0 + (size_t)RB * K);
@@ -235,8 +244,7 @@ static inline float min_term(const sc_mat *W, size_t n, const float *x, const fl
     float s = 0.f;
     for (int g = 0; g < ng; g++) {
         size_t at = 2 * (n * ng + g) + 1;
-        float m = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
-        s += m * (xs ? xs[g] : group_sum(x + (size_t)g * W->group, W->group));
+        s += sm_at(W, at) * (xs ? xs[g] : group_sum(x + (size_t)g * W->group, W->group));
     }
     return s;
 }
@@ -267,14 +275,8 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         } else SC_UNROLL for (int j = 0; j < RB; j++) {
             size_t n = (size_t)(n0 + j);
             size_t at = 2 * (fmt == SC_Q4 ? ((n / Q4_ROWS) * ng + g) * Q4_ROWS + n % Q4_ROWS : n * ng + g);
-            if (!quant) d[j] = m[j] = 0.f;
-            else if (W->sm_f16) {
-                d[j] = half_to_float(((const uint16_t *)W->sm)[at]);
-                m[j] = half_to_float(((const uint16_t *)W->sm)[at + 1]);
-            } else {
-                d[j] = ((const float *)W->sm)[at];
-                m[j] = ((const float *)W->sm)[at + 1];
-            }
+            d[j] = quant ? sm_at(W, at) : 0.f;
+            m[j] = quant ? sm_at(W, at + 1) : 0.f;
         }
 #ifdef SC_LUT16
         if (fmt == SC_Q4) { /* q * d + m for q = 0..15 once per group, then one permute per 16 weights */
@@ -301,7 +303,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                 SC_UNROLL for (int h = 0; h < 16 / VW; h++) b[h] = ld_u8(base + (size_t)j * 16 + h * VW);
                 vf dj = vsplat(d[j]), mj = vsplat(m[j]);
                 SC_UNROLL for (int hi = 0; hi < 2; hi++) SC_UNROLL for (int h = 0; h < 16 / VW; h++) {
-                    vf w = vdeq(__builtin_convertvector(hi ? b[h] >> 4 : b[h] & 15, vf), dj, mj);
+                    vf w = q4_deq(b[h], hi, dj, mj);
                     SC_UNROLL for (int r = 0; r < R; r++)
                         acc[r][j] = vfma(vload(xg + (size_t)r * ldx + 16 * hi + h * VW), w, acc[r][j]);
                 }
@@ -407,14 +409,12 @@ static void q4_dequantize_block(const sc_mat *W, int n0, float *buf) {
         __builtin_prefetch(blk + (size_t)(ng + g) * Q4_ROWS * 16 + 64);
         for (int j = 0; j < Q4_ROWS; j++) {
             size_t at = 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + j);
-            float d = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at]) : ((const float *)W->sm)[at];
-            float m = W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[at + 1]) : ((const float *)W->sm)[at + 1];
+            vf d = vsplat(sm_at(W, at)), m = vsplat(sm_at(W, at + 1));
             const uint8_t *b = blk + ((size_t)g * Q4_ROWS + j) * 16;
             float *out = buf + (size_t)j * K + (size_t)g * 32;
             SC_UNROLL for (int h = 0; h < 16 / VW; h++) {
                 vi q = ld_u8(b + h * VW);
-                vf lo = vdeq(__builtin_convertvector(q & 15, vf), vsplat(d), vsplat(m));
-                vf hi = vdeq(__builtin_convertvector(q >> 4, vf), vsplat(d), vsplat(m));
+                vf lo = q4_deq(q, 0, d, m), hi = q4_deq(q, 1, d, m);
                 memcpy(out + h * VW, &lo, sizeof lo);
                 memcpy(out + 16 + h * VW, &hi, sizeof hi);
             }
