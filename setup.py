@@ -45,7 +45,7 @@ class BuildKernels(build_ext):
         self.errors = {}
         super().run()
         built = [e.name.rsplit("_sc_", 1)[1] for e in self.extensions if e.name.rsplit("_sc_", 1)[1] not in self.errors]
-        status = {"built": built, "errors": self.errors}
+        status = {"built": built, "errors": self.errors, "sources": {v: meta.source_digest(v) for v in built}}
         out = Path(self.get_ext_fullpath(self.extensions[0].name)).parent
         out.mkdir(parents=True, exist_ok=True)
         (out / meta.STATUS_FILE).write_text(json.dumps(status, indent=1))
@@ -85,7 +85,7 @@ def extensions():
             Extension(
                 f"speculative_cascade.engine.kernels._sc_{v}",
                 sources=[str(KDIR / f"{v}.c")],
-                depends=[str(KDIR / "sc_kernels.h"), str(KDIR / "scalar_convert.h")],
+                depends=[str(KDIR / name) for name in meta.HEADERS],
                 extra_compile_args=meta.COMMON_FLAGS + meta.FLAGS[v],
                 extra_link_args=["-fopenmp"],
                 libraries=["m"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import platform
@@ -36,6 +37,16 @@ FLAGS = {
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC"]
 SOURCES = {name: _HERE / f"{name}.c" for name in FLAGS}
 STATUS_FILE = "_build_status.json"
+HEADERS = ("sc_kernels.h", "scalar_convert.h")
+
+
+def source_digest(variant: str) -> str:
+    """A digest of what a variant is compiled from (its file, the shared headers, its flags): the
+    install records it beside each library it built, so a build can be matched to the sources."""
+    h = hashlib.sha256(" ".join(COMMON_FLAGS + FLAGS[variant]).encode())
+    for path in (SOURCES[variant], *(_HERE / name for name in HEADERS)):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def machine() -> str:
@@ -78,7 +89,7 @@ def library_path(variant: str) -> Path | None:
     return found[0] if found else None
 
 
-def _build_status() -> dict:
+def build_status() -> dict:
     try:
         return json.loads((_HERE / STATUS_FILE).read_text())
     except (OSError, ValueError):
@@ -188,7 +199,7 @@ def _choose() -> Kernels | None:
                 return Kernels.open(v, path)
             except OSError as e:
                 _reason = f"cannot load {path.name}: {e}"
-    errors = _build_status().get("errors", {})
+    errors = build_status().get("errors", {})
     first = next((f"{v}: {errors[v]}" for v in runnable if v in errors), None)
     _reason = _reason or (
         f"not built at install ({first})" if first else "not built (reinstall with a C compiler: pip install -e .)"
