@@ -100,8 +100,16 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     order = sorted(dict.fromkeys(settings.methods), key=lambda m: m != "ar")  # 'ar' first: the reference
     runs: dict[str, MethodRun] = {}
     with Progress(console=console, transient=False) as progress:
+        methods = {name: _prepare_method(name, ctx, settings, encode, progress, runs) for name in order}
+        # the methods take turns on each prompt (who starts rotates), so that a machine whose speed
+        # drifts during the run slows them alike and their ratios are measured side by side
+        task = progress.add_task("prompts", total=len(rows) * len(order))
+        for i, r in enumerate(rows):
+            for name in order[i % len(order):] + order[: i % len(order)]:
+                runs[name].results.append(methods[name].run(r["ids"], settings.max_new_tokens))
+                progress.advance(task)
         for name in order:
-            runs[name] = _run_method(name, ctx, rows, settings, encode, progress)
+            _sampling(name, methods[name], ctx, settings, encode, progress, runs[name])
         task = progress.add_task("perplexity", total=len(rows))
         ppl = _perplexities(ctx.target, rows, {n: r.results for n, r in runs.items()}, order,
                             lambda: progress.advance(task))
@@ -132,27 +140,28 @@ def _encode_rows(rows: list[dict], encode, limit: int, console: Console) -> list
     return [r for r in rows if len(r["ids"]) <= limit]
 
 
-def _run_method(name: str, ctx: BenchContext, rows, settings: BenchSettings, encode, progress) -> MethodRun:
-    """Warm up, predict (native methods), run every prompt, then the sampling check."""
+def _prepare_method(name: str, ctx: BenchContext, settings: BenchSettings, encode, progress, runs) -> Method:
+    """Build and warm up one method, and predict its speed (native methods). Its peak resident
+    memory is the process's peak from its start through its setup."""
     _reset_peak_rss()
+    task = progress.add_task(f"{name:6s} setting up", total=None)
     method = METHODS[name](ctx)
     method.run(encode("Hello"), 8)  # warm-up
-    run = MethodRun([])
+    run = runs[name] = MethodRun([])
     if settings.predict and method.round is not None:
-        task = progress.add_task(f"{name:6s} calibrating", total=None)
         run.prediction = _predict(ctx, method, settings.max_new_tokens)
-        progress.remove_task(task)
-    task = progress.add_task(f"{name:6s}", total=len(rows))
-    for r in rows:
-        run.results.append(method.run(r["ids"], settings.max_new_tokens))
-        progress.advance(task)
+    run.peak_rss_mb = _peak_rss_mb()
+    progress.remove_task(task)
+    return method
+
+
+def _sampling(name: str, method: Method, ctx: BenchContext, settings: BenchSettings, encode, progress, run) -> None:
+    """The sampling check of a speculative native method: its tokens' distribution against the target's."""
     if settings.sampling_check and method.round is not None and name != "ar":
         task = progress.add_task(f"{name:6s} sampling", total=settings.sampling_check)
         run.sampling_check = _sampling_check(
             ctx, method, encode(SAMPLING_PROMPT), settings.sampling_check, lambda: progress.advance(task)
         )
-    run.peak_rss_mb = _peak_rss_mb()
-    return run
 
 
 def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, MethodRun], ppl) -> BenchReport:
