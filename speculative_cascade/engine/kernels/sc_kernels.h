@@ -268,9 +268,10 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                 vf v = cvt_f16(p + i);
                 memcpy(dm + i, &v, sizeof v);
             }
+            const int o = RB == Q4_ROWS ? 0 : n0 % Q4_ROWS; /* a whole block: a constant */
             SC_UNROLL for (int j = 0; j < RB; j++) {
-                d[j] = dm[2 * (n0 % Q4_ROWS + j)];
-                m[j] = dm[2 * (n0 % Q4_ROWS + j) + 1];
+                d[j] = dm[2 * (o + j)];
+                m[j] = dm[2 * (o + j) + 1];
             }
         } else SC_UNROLL for (int j = 0; j < RB; j++) {
             size_t n = (size_t)(n0 + j);
