@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from typer.testing import CliRunner
 
@@ -185,6 +187,29 @@ def test_mag_prefers_the_prompt_then_generated_text_then_bigrams(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(CascadeError, match="not a bigram table"):
         BigramTable.load(tmp_path / "bad.npz")
+
+
+def _reference_match(arr: list[int], end: int, k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """MaG's lookup written plainly: the longest suffix (max_ngram..min_ngram) seen before, the latest
+    occurrence starting in the prompt (ending before ``end``), else the latest one."""
+    n = len(arr)
+    for L in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        starts = [s for s in range(n - L) if arr[s : s + L] == arr[n - L :]]
+        if starts:
+            in_prompt = [s for s in starts if s + L <= end]
+            s = (in_prompt or starts)[-1] + L
+            return arr[s : s + k]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(0, 40), st.integers(1, 6),
+       st.integers(1, 5), st.integers(0, 4))
+def test_mag_lookup_matches_its_plain_definition(seq, end, k, max_ngram, extra):
+    min_ngram = max(1, max_ngram - extra)
+    mag = MaG(4, max_ngram=max_ngram, min_ngram=min_ngram)
+    got = mag._match(np.asarray(seq, dtype=np.int64), end, k)
+    assert got == _reference_match(seq, end, k, max_ngram, min_ngram)
 
 
 def test_distill_cli_trains_a_tiny_model(tiny_model_dir, tmp_path):

@@ -89,16 +89,22 @@ class MaG(Stage):
         """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it.
 
         Occurrences that start in the prompt win over those in the generated text; within
-        a region the latest one wins."""
+        a region the latest one wins. One pass over ``arr`` finds where its last token recurs
+        (an occurrence's last position, which must leave a next token); longer suffixes are
+        then checked on those positions only."""
         n = len(arr)
-        for L in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
-            suffix = arr[n - L :]
-            windows = np.lib.stride_tricks.sliding_window_view(arr[: n - 1], L)  # match must leave a next token
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
+        ends = np.flatnonzero(arr[: n - 1] == arr[n - 1]) if n > 1 else arr[:0]
+        matched = [ends]  # matched[L - 1]: the positions where the suffix of length L ends
+        for L in range(2, min(self.max_ngram, n - 1) + 1):
+            e = matched[-1]
+            e = e[e >= L - 1]
+            matched.append(e[arr[e - (L - 1)] == arr[n - L]])
+        for L in range(len(matched), self.min_ngram - 1, -1):
+            hits = matched[L - 1]
             if len(hits) == 0:
                 continue
-            in_prompt = hits[hits + L <= end]
-            start = (in_prompt[-1] if len(in_prompt) else hits[-1]) + L
+            in_prompt = hits[hits + 1 <= end]
+            start = (in_prompt[-1] if len(in_prompt) else hits[-1]) + 1
             return arr[start : start + k].tolist()
         return []
 
