@@ -59,6 +59,11 @@ class BenchContext:
                 raise CascadeError("vocabulary mismatch between draft and target")
         return self._draft
 
+    def release(self) -> None:
+        """Let the shared drafts go (a method built later builds its own)."""
+        self.shared.clear()
+        self._draft = None
+
     def eos_ids(self) -> set[int]:
         return eos_ids(self.target, self.tokenizer)
 

@@ -385,6 +385,8 @@ def markdown(report: BenchReport) -> str:
     out += [
         "",
         "Latency per token = 1 / decode tok/s. `= ar`: greedy output identical to `ar` on every prompt. "
+        "Peak RSS: the process's peak resident memory with the method alone (no other method's drafts "
+        "or caches), built and generating for the longest prompt. "
         "PPL: perplexity of the generated tokens under the target. `sampling p`: chi-square p-value of the "
         "first sampled token (temperature 1) against the target's exact distribution (`--sampling-check` "
         "samples); a lossless method gives p spread over (0, 1), a broken sampler p near 0.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import time
@@ -113,6 +114,14 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
         task = progress.add_task("perplexity", total=len(rows))
         ppl = _perplexities(ctx.target, rows, {n: r.results for n, r in runs.items()}, order,
                             lambda: progress.advance(task))
+        methods.clear()  # the methods' drafts and caches go, then each is measured alone
+        ctx.release()
+        gc.collect()
+        longest = max(rows, key=lambda r: len(r["ids"]))["ids"]
+        task = progress.add_task("memory", total=len(order))
+        for name in order:
+            runs[name].peak_rss_mb = _peak_memory(name, ctx, longest, settings.max_new_tokens)
+            progress.advance(task)
     report = _build_report(settings, loaded.name, ctx, machine, rows, runs, ppl)
     print_terminal(report, console)
     return report
@@ -141,16 +150,13 @@ def _encode_rows(rows: list[dict], encode, limit: int, console: Console) -> list
 
 
 def _prepare_method(name: str, ctx: BenchContext, settings: BenchSettings, encode, progress, runs) -> Method:
-    """Build and warm up one method, and predict its speed (native methods). Its peak resident
-    memory is the process's peak from its start through its setup."""
-    _reset_peak_rss()
+    """Build and warm up one method, and predict its speed (native methods)."""
     task = progress.add_task(f"{name:6s} setting up", total=None)
     method = METHODS[name](ctx)
     method.run(encode("Hello"), 8)  # warm-up
     run = runs[name] = MethodRun([])
     if settings.predict and method.round is not None:
         run.prediction = _predict(ctx, method, settings.max_new_tokens)
-    run.peak_rss_mb = _peak_rss_mb()
     progress.remove_task(task)
     return method
 
@@ -222,6 +228,19 @@ def _machine(target) -> dict:
         out["decode_mb"] = target.decode_bytes / 1e6
         out["bound_tokens_per_s"] = out["bandwidth_gb_s"] * 1e3 / out["decode_mb"]
     return out
+
+
+def _peak_memory(name: str, ctx: BenchContext, prompt_ids: list[int], max_new_tokens: int) -> float | None:
+    """The process's peak resident memory while one method, alone (no other method's drafts or
+    caches alive), is built and generates for the longest prompt; then it is let go."""
+    _reset_peak_rss()
+    method = METHODS[name](ctx)
+    method.run(prompt_ids, max_new_tokens)
+    peak = _peak_rss_mb()
+    del method
+    ctx.release()
+    gc.collect()
+    return peak
 
 
 def _reset_peak_rss() -> None:
