@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import platform
@@ -116,7 +117,7 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
                             lambda: progress.advance(task))
         methods.clear()  # the methods' drafts and caches go, then each is measured alone
         ctx.release()
-        gc.collect()
+        _let_go()
         longest = max(rows, key=lambda r: len(r["ids"]))["ids"]
         task = progress.add_task("memory", total=len(order))
         for name in order:
@@ -239,8 +240,18 @@ def _peak_memory(name: str, ctx: BenchContext, prompt_ids: list[int], max_new_to
     peak = _peak_rss_mb()
     del method
     ctx.release()
-    gc.collect()
+    _let_go()
     return peak
+
+
+def _let_go() -> None:
+    """Collect what nothing refers to any more and hand the C heap's free pages back to the system
+    (glibc keeps them otherwise, and they would count in the next method's resident memory)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss() -> None:
