@@ -45,6 +45,7 @@ class BenchContext:
         self.target_cost = None  # the target's t(n, L), measured once
         self.shared: dict = {}  # models shared by the cascade methods (the INT8 copy)
         self.custom: CascadeConfig | None = None  # the cascade of --cascade FILE (method 'custom')
+        self.tuned: dict[str, TuneResult] = {}  # method name -> what tune chose for it
         self._jax_target = None
 
     @property
@@ -338,14 +339,17 @@ class Auto(Native):
     speculative = True
 
     def cascade(self) -> CascadeConfig | None:
-        self.tuned = tune(
-            self.ctx.target,
-            self.ctx.tokenizer,
-            self.ctx.calibration_prompts,
-            max_len=self.ctx.max_len,
-            context=self.ctx.context,
-        )
-        return self.tuned.config
+        tuned = self.ctx.tuned.get(self.name)  # built again (the bench's memory pass): the same choice
+        if tuned is None:
+            tuned = self.ctx.tuned[self.name] = tune(
+                self.ctx.target,
+                self.ctx.tokenizer,
+                self.ctx.calibration_prompts,
+                max_len=self.ctx.max_len,
+                context=self.ctx.context,
+            )
+        self.tuned = tuned
+        return tuned.config
 
 
 def _cascade(name: str, description: str, **settings) -> type[Cascade]:
