@@ -21,10 +21,14 @@ from speculative_cascade.engine.transformer import sc_mat
 RUNNABLE = [v for v in kernels.cpu_variants() if v in kernels.platform_variants()]
 
 
-def _compile(variant: str, cc: str, out, extra=()) -> subprocess.CompletedProcess:
+def _compile_cmd(variant: str, cc: str, out, extra=()) -> list[str]:
+    """setup.py's compile of one variant, as one command."""
     src = kernels.SOURCES[variant]
-    cmd = [cc, *kernels.COMMON_FLAGS, *kernels.FLAGS[variant], *extra, "-shared", str(src), "-o", str(out), "-lm"]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return [cc, *kernels.COMMON_FLAGS, *kernels.FLAGS[variant], *extra, "-shared", str(src), "-o", str(out), "-lm"]
+
+
+def _compile(variant: str, cc: str, out, extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run(_compile_cmd(variant, cc, out, extra), capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("variant", kernels.platform_variants())
@@ -52,11 +56,10 @@ def cross_builds(tmp_path_factory):
     if cc is None:
         pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu)")
     out = tmp_path_factory.mktemp("aarch64")
-    procs = {}
-    for v in ("neon", "generic"):
-        cmd = [cc, *kernels.COMMON_FLAGS, *kernels.FLAGS[v], "-shared", str(kernels.SOURCES[v]), "-o",
-               str(out / f"{v}.so"), "-lm"]
-        procs[v] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = {
+        v: subprocess.Popen(_compile_cmd(v, cc, out / f"{v}.so"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for v in ("neon", "generic")
+    }
     done = {v: p.communicate()[1] for v, p in procs.items()}  # each one's stderr, as it ends
     return {v: (procs[v].returncode, err) for v, err in done.items()}
 

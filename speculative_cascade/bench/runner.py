@@ -102,7 +102,9 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     order = sorted(dict.fromkeys(settings.methods), key=lambda m: m != "ar")  # 'ar' first: the reference
     runs: dict[str, MethodRun] = {}
     with Progress(console=console, transient=False) as progress:
-        methods = {name: _prepare_method(name, ctx, settings, encode, progress, runs) for name in order}
+        methods = {}
+        for name in order:
+            methods[name], runs[name] = _prepare_method(name, ctx, settings, encode, progress)
         # the methods take turns on each prompt (who starts rotates), so that a machine whose speed
         # drifts during the run slows them alike and their ratios are measured side by side
         task = progress.add_task("prompts", total=len(rows) * len(order))
@@ -150,16 +152,16 @@ def _encode_rows(rows: list[dict], encode, limit: int, console: Console) -> list
     return [r for r in rows if len(r["ids"]) <= limit]
 
 
-def _prepare_method(name: str, ctx: BenchContext, settings: BenchSettings, encode, progress, runs) -> Method:
-    """Build and warm up one method, and predict its speed (native methods)."""
+def _prepare_method(name: str, ctx: BenchContext, settings: BenchSettings, encode, progress) -> tuple[Method, MethodRun]:
+    """Build and warm up one method, and predict its speed (native methods); its results come later."""
     task = progress.add_task(f"{name:6s} setting up", total=None)
     method = METHODS[name](ctx)
     method.run(encode("Hello"), 8)  # warm-up
-    run = runs[name] = MethodRun([])
+    run = MethodRun([])
     if settings.predict and method.round is not None:
         run.prediction = _predict(ctx, method, settings.max_new_tokens)
     progress.remove_task(task)
-    return method
+    return method, run
 
 
 def _sampling(name: str, method: Method, ctx: BenchContext, settings: BenchSettings, encode, progress, run) -> None:
