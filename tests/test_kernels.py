@@ -15,7 +15,7 @@ import torch
 
 from conftest import hf_model, native_from_hf
 from speculative_cascade.engine import kernels
-from speculative_cascade.engine.formats import Format, PackedWeight, concat, from_gguf
+from speculative_cascade.engine.formats import Format, PackedWeight, concat, from_gguf, q8_activations
 from speculative_cascade.engine.transformer import sc_mat
 
 RUNNABLE = [v for v in kernels.cpu_variants() if v in kernels.platform_variants()]
@@ -133,6 +133,42 @@ def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
         torch.testing.assert_close(_matmul(k, w, x, bias), dense, rtol=1e-5, atol=1e-4)
     else:  # 4-bit weights are dequantized in registers: exactly what the fp32 kernel gives on the dequantization
         assert torch.equal(_matmul(k, w, x, bias), dense)
+
+
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_i8q8_matches_its_reference_and_is_batch_invariant(variant):
+    """I8Q8 (drafts only): the activations rounded per block of 32 as q8_activations rounds them,
+    then integer products. Extremes included (weights and codes of +-127: a saturating pair sum
+    would show), an all-zero block, blocks of very different scales."""
+    k = kernels.get(variant)
+    g = torch.Generator().manual_seed(3)
+    N, K = 37, 192
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0], q[1] = 127, -127
+    w = PackedWeight.int8(q, torch.rand(N, 1, generator=g) / 50).with_q8_activations()
+    assert w.fmt == Format.I8Q8
+    bias = torch.randn(N, generator=g)
+    x = torch.randn(13, K, generator=g) * torch.linspace(0.01, 10, K)
+    x[0], x[1] = 3.0, -3.0  # every code +-127
+    x[2, :32] = 0.0
+    ref = q8_activations(x).double() @ w.dequantize().double().T + bias.double()
+    one = torch.cat([_matmul(k, w, x[i : i + 1], bias) for i in range(13)])
+    torch.testing.assert_close(one.double(), ref, rtol=1e-5, atol=1e-3)
+    exact = x.double() @ w.dequantize().double().T + bias.double()
+    assert (one.double() - exact).abs().max() > 1e-2  # the activations were rounded: not the exact product
+    for M in (2, 3, 4, 5, 6, 7, 9, 13):
+        for start in (0, 13 - M):
+            assert torch.equal(_matmul(k, w, x[start : start + M], bias), one[start : start + M])
+
+
+def test_i8q8_only_for_rows_with_one_scale():
+    ws = _weights(40, 128)
+    assert ws["i8-row"].with_q8_activations().fmt == Format.I8Q8
+    for name in ("i8-16", "i8-32", "q4", "f32"):
+        with pytest.raises(ValueError):
+            ws[name].with_q8_activations()
+    with pytest.raises(ValueError):  # K not a multiple of 64
+        _weights(40, 96)["i8-row"].with_q8_activations()
 
 
 def test_concat_of_mixed_formats_is_exact():

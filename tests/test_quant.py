@@ -22,17 +22,18 @@ def test_quantize_weight_error_bound():
 
 @pytest.mark.parametrize("variant", RUNNABLE)
 def test_int8_kernels_match_reference(variant):
-    """The C forward (every variant) and pure PyTorch give the same logits."""
+    """The C forward (every variant) and pure PyTorch give the same logits: int8 weights times
+    activations rounded to int8 per block of 32 (I8Q8), for one token and several."""
     model = tiny_native(seed=1)
     q = quantize_int8(model)
-    assert all(m.packed.fmt == Format.I8 for m in q.modules() if isinstance(m, Linear))
-    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
-    with kernels.use(variant):
-        fused = q(ids, q.new_cache(16))
-        assert q._fused  # the C forward ran
-    with kernels.disabled():
-        ref = q(ids, q.new_cache(16))
-    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+    assert all(m.packed.fmt == Format.I8Q8 for m in q.modules() if isinstance(m, Linear))
+    for ids in (torch.tensor([[4, 8, 15, 16, 23, 42]]), torch.tensor([[7]])):
+        with kernels.use(variant):
+            fused = q(ids, q.new_cache(16))
+            assert q._fused  # the C forward ran
+        with kernels.disabled():
+            ref = q(ids, q.new_cache(16))
+        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_copy_leaves_original_untouched_and_agrees():
@@ -42,7 +43,7 @@ def test_int8_copy_leaves_original_untouched_and_agrees():
     q = quantize_int8(model)
     after = model(ids, model.new_cache(16))
     torch.testing.assert_close(before, after, rtol=0, atol=0)
-    assert q.output.packed.fmt == Format.I8
+    assert q.output.packed.fmt == Format.I8Q8
     agree = (q(ids, q.new_cache(16)).argmax(-1) == before.argmax(-1)).float().mean()
     assert agree >= 0.75
     assert q.nbytes < model.nbytes
@@ -69,7 +70,7 @@ def test_int4_kernels_match_reference(variant):
 
     model = tiny_native(seed=1)
     q = quantize_int4(model)
-    assert q.layers[0].attention.wqkv.packed.fmt == Format.Q4 and q.output.packed.fmt == Format.I8
+    assert q.layers[0].attention.wqkv.packed.fmt == Format.Q4 and q.output.packed.fmt == Format.I8Q8
     for T in (1, 2, 3, 5, 6):
         ids = torch.arange(4, 4 + T)[None]
         with kernels.use(variant):

@@ -1,6 +1,6 @@
 """Weight matrices in the formats the kernels read: the model's stored format, not fp32 copies.
 
-A :class:`PackedWeight` is an ``(N, K)`` matrix in one of five layouts (``Format``, the same
+A :class:`PackedWeight` is an ``(N, K)`` matrix in one of six layouts (``Format``, the same
 numbers as ``SC_*`` in ``kernels/sc_kernels.h``):
 
 ========  ============================================  ===========================================
@@ -11,13 +11,20 @@ F16       float16 (N, K)                                exact widening
 BF16      bfloat16 (N, K)                               exact widening
 I8        int8 (N, K), ``sm`` (N, K / group, 2)         ``q * scale + min`` per group, one rounding
 Q4        uint8 (N/8, K/32, 8, 16), ``sm`` likewise     same, 4-bit ``q`` (GGML Q4_1 nibble order)
+I8Q8      as I8, one group per row, no mins             as I8; the *activations* are quantized too
 ========  ============================================  ===========================================
 
 GGUF's Q8_0 (I8, groups of 32), Q4_0, Q4_1 and Q4_K (Q4: the K-quant's 6-bit sub-block
 scales are folded into exact fp32 scales and mins) and Q6_K (I8, groups of 16) are
 repacked without changing a single dequantized value (Q4 rows interleaved in blocks of
 eight, group by group, so a kernel reading eight rows streams one contiguous block); other GGUF types are dequantized
-to F32 by the ``gguf`` package. The INT8 draft is I8 with one group per row.
+to F32 by the ``gguf`` package.
+
+I8Q8 is for drafts only: the kernels quantize each row of activations to int8 per block of 32
+inputs (scale ``amax / 127``, GGML's Q8 way, :func:`q8_activations`) and take integer dot
+products (``vpmaddubsw`` on x86-64), about twice fewer instructions a weight than widening int8 to
+fp32. Approximate, so never a target's format: only the target decides what is emitted.
+The INT8 drafts are I8Q8 where ``K`` is a multiple of 64, else I8 with one group per row.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ class Format(IntEnum):
     BF16 = 2
     I8 = 3
     Q4 = 4
+    I8Q8 = 5
 
 
-_QUANTIZED = (Format.I8, Format.Q4)
+_QUANTIZED = (Format.I8, Format.Q4, Format.I8Q8)
+Q8_BLOCK = 32  # I8Q8: activation inputs per scale
 Q4_ROWS = 8  # rows interleaved per block in the Q4 layout
 _TORCH_DTYPE = {Format.F32: torch.float32, Format.F16: torch.float16, Format.BF16: torch.bfloat16}
 
@@ -68,6 +77,13 @@ class PackedWeight:
         minimum = torch.zeros_like(scale) if minimum is None else minimum.reshape(N, -1).float()
         sm = _compact(torch.stack([scale, minimum], -1))
         return cls(Format.I8, q.to(torch.int8).contiguous(), sm, K // scale.shape[1], (N, K))
+
+    def with_q8_activations(self) -> "PackedWeight":
+        """This I8 matrix (one group per row, no mins) run against int8-quantized activations
+        (I8Q8, drafts only); the same weights, shared. K must be a multiple of 64."""
+        if self.fmt != Format.I8 or self.group != self.shape[1] or self.has_min or self.shape[1] % 64:
+            raise ValueError("I8Q8 needs I8 weights with one scale per row, no mins, and K a multiple of 64")
+        return PackedWeight(Format.I8Q8, self.data, self.sm, self.group, self.shape)
 
     @classmethod
     def q4(cls, packed: torch.Tensor, sm: torch.Tensor) -> "PackedWeight":
@@ -100,7 +116,7 @@ class PackedWeight:
 
     def codes(self, rows=slice(None)) -> torch.Tensor:
         """Integer codes as float32 (quantized formats): (n, K)."""
-        if self.fmt == Format.I8:
+        if self.fmt in (Format.I8, Format.I8Q8):
             return self.data[rows].float()
         b = self._q4_rows(rows)[0]
         return torch.cat([b & 15, b >> 4], -1).reshape(b.shape[0], -1).float()
@@ -159,6 +175,16 @@ class PackedWeight:
         q = self.codes().to(torch.int8)
         sm = self.row_sm().repeat_interleave(self.group // group, dim=1)
         return PackedWeight(Format.I8, q.contiguous(), sm.contiguous(), group, self.shape)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` as I8Q8's kernels see it: each block of 32 inputs rounded to ``q * s`` with
+    ``s = amax / 127`` and ``q = round(x * (127 / amax))`` (ties to even) in -127..127."""
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // Q8_BLOCK, Q8_BLOCK)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(x.shape)
 
 
 def concat(parts: list[PackedWeight]) -> PackedWeight:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .formats import Format, PackedWeight, concat
+from .formats import Format, PackedWeight, concat, q8_activations
 from .kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -155,6 +155,8 @@ class Linear(PackedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.get()
         if k is None or not self.kernel_ready() or x.dtype != torch.float32 or x.device.type != "cpu":
+            if self.packed.fmt == Format.I8Q8:  # the kernels' activation rounding, then the product in fp32
+                x = q8_activations(x).to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), self.bias)
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K).contiguous()

@@ -16,6 +16,8 @@
  *   SC_HSUM8            optional: hsum8(a, out) gives hsum of eight vectors at once, bit for bit
  *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
  *                       the group's 16 dequantized values (one permute instead of convert + FMA)
+ *   SC_DOT4_I8          optional: dot4_i8(w, xa, xq), 4 VW int8 weights times int8 activations (xa = |xq|),
+ *                       lane l the sum of the products of bytes 4l..4l+3 (else a scalar loop)
  *
  * Weights stay in their stored format (sc_mat.fmt, mirrored by engine/formats.py's Format):
  * fp32, fp16, bf16, int8 with a (scale, min) pair per group of `group` inputs, or 4-bit
@@ -27,7 +29,10 @@
  * dequantization) and multiplied into fp32 accumulators. An int8 group's codes are multiplied
  * with x first (one chain per group), and the sum is scaled into the accumulator: one multiply
  * per weight fewer (Q8_0's output head, the INT8 drafts), and the mins' part, when a matrix
- * has mins, is sum_g min_g * sum(x over g), added after. Activations stay fp32.
+ * has mins, is sum_g min_g * sum(x over g), added after. Activations stay fp32, except for
+ * I8Q8, a draft-only format: int8 weights with one scale per row times activations quantized
+ * to int8 per block of 32 (GGML's Q8 way), integer dot products scaled per block. Approximate
+ * (the activations lose precision), so never a target's: only drafts use it.
  *
  * Batch invariance: output (m, n) is one accumulator chain over k in a fixed order, reduced
  * in a fixed lane order, whatever the number of rows M, the row's place in the pass, the
@@ -46,7 +51,7 @@
 #include <omp.h>
 #endif
 
-enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4 };
+enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5 };
 
 /* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
  * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored); has_min: some min is
@@ -423,7 +428,154 @@ static void q4_dequantize_block(const sc_mat *W, int n0, float *buf) {
     }
 }
 
+/* ---- I8Q8: int8 weights (one scale per row, codes in -127..127) times int8 activations ---------- */
+
+#define Q8_BLOCK 32 /* inputs per activation scale */
+
+#ifndef SC_DOT4_I8
+static inline vi dot4_i8(const int8_t *w, const uint8_t *xa, const int8_t *xq) {
+    (void)xa;
+    vi s;
+    for (int l = 0; l < VW; l++) {
+        int t = 0;
+        for (int i = 0; i < 4; i++) t += (int)w[4 * l + i] * (int)xq[4 * l + i];
+        s[l] = t;
+    }
+    return s;
+}
+#endif
+
+/* x (M, K) -> codes xq (M, K) = round(x * 127 / amax) per block of Q8_BLOCK inputs, xa = |xq|, and
+ * xsl (M, K / 4): the scale amax / 127 of the block of each 4-input lane (what dot4_i8's lanes sum). */
+static void quantize_q8(const float *x, int M, int K, int8_t *xq, uint8_t *xa, float *xsl) {
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < K / Q8_BLOCK; b++) {
+            size_t o = (size_t)m * K + (size_t)b * Q8_BLOCK;
+            float amax = 0.f;
+            for (int i = 0; i < Q8_BLOCK; i++) {
+                float a = fabsf(x[o + i]);
+                amax = a > amax ? a : amax;
+            }
+            float inv = amax > 0.f ? 127.0f / amax : 0.f, s = amax / 127.0f;
+            for (int i = 0; i < Q8_BLOCK; i++) {
+                float v = nearbyintf(x[o + i] * inv);
+                int q = v > 127.f ? 127 : v < -127.f ? -127 : (int)v;
+                xq[o + i] = (int8_t)q;
+                xa[o + i] = (uint8_t)(q < 0 ? -q : q);
+            }
+            for (int l = 0; l < Q8_BLOCK / 4; l++) xsl[o / 4 + l] = s;
+        }
+}
+
+/* R quantized rows of x against weight rows n0..n0+RB-1: y = scale_n * sum over lanes of (integer
+ * dot of 4 inputs) * (their block's scale), + bias. */
+static inline __attribute__((always_inline)) void tile_q8(const int R, const int RB, const sc_mat *W, const int8_t *xq,
+                                                         const uint8_t *xa, const float *xsl, float *y, int ldy,
+                                                         int n0) {
+    const int K = W->k;
+    const int8_t *w0 = (const int8_t *)W->w + (size_t)n0 * K;
+    const char *ahead = (const char *)(w0 + (size_t)RB * K); /* the next block's rows */
+    vf acc[RMAX][RBMAX];
+    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
+    for (int k = 0; k < K; k += 4 * VW) {
+        if (k % 64 == 0) SC_UNROLL for (int j = 0; j < RB; j++) __builtin_prefetch(ahead + (size_t)j * K + k);
+        vf s[RMAX];
+        SC_UNROLL for (int r = 0; r < R; r++) s[r] = vload(xsl + ((size_t)r * K + k) / 4);
+        SC_UNROLL for (int j = 0; j < RB; j++) SC_UNROLL for (int r = 0; r < R; r++) {
+            vi p = dot4_i8(w0 + (size_t)j * K + k, xa + (size_t)r * K + k, xq + (size_t)r * K + k);
+            acc[r][j] = vfma(__builtin_convertvector(p, vf), s[r], acc[r][j]);
+        }
+    }
+    float sums[RMAX * RBMAX];
+#ifdef SC_HSUM8
+    {
+        vf flat[RMAX * RBMAX];
+        int i = 0;
+        SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) flat[r * RB + j] = acc[r][j];
+        for (; i + 8 <= R * RB; i += 8) hsum8(flat + i, sums + i);
+        for (; i < R * RB; i++) sums[i] = hsum(flat[i]);
+    }
+#else
+    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) sums[r * RB + j] = hsum(acc[r][j]);
+#endif
+    SC_UNROLL for (int j = 0; j < RB; j++) {
+        float d = sm_at(W, 2 * (size_t)(n0 + j)), b = W->bias ? W->bias[n0 + j] : 0.f;
+        SC_UNROLL for (int r = 0; r < R; r++) y[(size_t)r * ldy + n0 + j] = sums[r * RB + j] * d + b;
+    }
+}
+
+#ifndef RB_Q8
+#define RB_Q8(R) RB_FOR(R)
+#endif
+#define TILE_Q8(RR)                                                                                   \
+    if (R == RR) {                                                                                    \
+        if (rb == RB_Q8(RR)) tile_q8(RR, RB_Q8(RR), W, xq, xa, xsl, ym, ldy, n0);                     \
+        else for (int j = 0; j < rb; j++) tile_q8(RR, 1, W, xq, xa, xsl, ym, ldy, n0 + j);            \
+        continue;                                                                                     \
+    }
+
+/* Inside a parallel region: I8Q8's product. Each thread quantizes x itself (a few microseconds),
+ * so no barrier is needed before the blocks; without memory for it, the exact int8 product. */
+static void par_matmul_q8(const sc_mat *W, const float *x, int M, float *y, int ldy) {
+    const int K = W->k;
+    int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_Q8(R0);
+    int nb = (W->n + RB - 1) / RB;
+    int8_t *xq = NULL;
+    if (K % (4 * VW) == 0 && K % Q8_BLOCK == 0) xq = (int8_t *)malloc((size_t)M * K * (2 + sizeof(float) / 4));
+    uint8_t *xa = xq ? (uint8_t *)(xq + (size_t)M * K) : NULL;
+    float *xsl = xq ? (float *)(xa + (size_t)M * K) : NULL;
+    if (xq) quantize_q8(x, M, K, xq, xa, xsl);
+    sc_mat I = *W;
+    I.fmt = SC_I8;
+    I.group = K;
+    int RBi = RB_OF(SC_I8, R0);
+#pragma omp for schedule(static)
+    for (int b = 0; b < nb; b++) {
+        int n0 = b * RB, rb = W->n - n0 < RB ? W->n - n0 : RB;
+        if (!xq) { /* the exact int8 product, block by block */
+            for (int n = n0; n < n0 + rb; n += RBi)
+                block_rows(SC_I8, &I, x, K, M, y, ldy, n, n0 + rb - n < RBi ? n0 + rb - n : RBi, passes);
+            continue;
+        }
+        int base = M / passes, extra = M % passes, m0 = 0;
+        for (int p = 0; p < passes; p++) {
+            int R = base + (p < extra);
+            const int8_t *xqm = xq + (size_t)m0 * K;
+            const uint8_t *xam = xa + (size_t)m0 * K;
+            const float *xslm = xsl + (size_t)m0 * K / 4;
+            float *ym = y + (size_t)m0 * ldy;
+            m0 += R;
+            {
+                const int8_t *xq = xqm;
+                const uint8_t *xa = xam;
+                const float *xsl = xslm;
+                TILE_Q8(1)
+#if RMAX >= 2
+                TILE_Q8(2)
+#endif
+#if RMAX >= 3
+                TILE_Q8(3)
+#endif
+#if RMAX >= 4
+                TILE_Q8(4)
+#endif
+#if RMAX >= 5
+                TILE_Q8(5)
+#endif
+#if RMAX >= 6
+                TILE_Q8(6)
+#endif
+            }
+        }
+    }
+    free(xq);
+}
+
 static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy) {
+    if (W->fmt == SC_I8Q8) {
+        par_matmul_q8(W, x, M, y, ldy);
+        return;
+    }
     int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_OF(W->fmt, R0);
     int nb = (W->n + RB - 1) / RB, ldx = W->k;
     if (W->fmt == SC_Q4 && passes > 1) {
