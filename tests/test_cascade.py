@@ -92,8 +92,8 @@ def test_chain_levels_really_verify():
     out, stats = run(PROMPTS[0], drafter=drafter, k=k)
     assert out == ar(PROMPTS[0])
     by_name = {st.name: st for st in stats.stages}
-    assert by_name["random"].proposed > 0 and by_name["random"].acceptance_rate < 0.7
-    assert by_name["int8"].acceptance_rate > 0.8
+    assert by_name["random"].proposed > 0 and by_name["random"].acceptance_rate < 0.2
+    assert by_name["int8"].acceptance_rate > 0.6  # its int8 activations flip some of this random model's near-ties
     assert by_name["int8"].forwards > 0 and by_name["target"].forwards == stats.rounds
 
 

@@ -646,6 +646,22 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* dot(q, k[u], n) for eight keys at once (n a multiple of VW): each key's chain and reduction are
+ * dot()'s, bit for bit; eight independent chains instead of one. */
+static inline void dot8(const float *q, const float *const *k, int n, float *out) {
+    vf a[8];
+    SC_UNROLL for (int u = 0; u < 8; u++) a[u] = vsplat(0.f);
+    for (int i = 0; i < n; i += VW) {
+        vf qv = vload(q + i);
+        SC_UNROLL for (int u = 0; u < 8; u++) a[u] = vfma(qv, vload(k[u] + i), a[u]);
+    }
+#ifdef SC_HSUM8
+    hsum8(a, out);
+#else
+    SC_UNROLL for (int u = 0; u < 8; u++) out[u] = hsum(a[u]);
+#endif
+}
+
 /* Attention reads the visible keys of each new token in a fixed order (the cached prefix, then
  * its visible new slots) in chunks of KV_CHUNK: a chunk's softmax partial (max, sum, weighted
  * values) is computed by one job for all the query heads that share a KV head (each key and
@@ -713,7 +729,20 @@ static void attention(const float *qkv, const float *rot, const sc_batch *bt, si
                 int h = g * group + e;
                 const float *qh = q + ((size_t)t * nh + h) * hd;
                 float *se = sc + (size_t)e * KV_CHUNK, mx = -INFINITY;
-                for (int i = i0; i < i1; i++) {
+                int i8 = i0;
+                if (hd % VW == 0)
+                    for (; i8 + 8 <= i1; i8 += 8) { /* eight keys at a time, each exactly as below */
+                        const float *kp[8];
+                        float v8[8];
+                        for (int u = 0; u < 8; u++) kp[u] = kg + (size_t)vis_slot(vis_new, Tn, start, tl, i8 + u) * hd;
+                        dot8(qh, kp, hd, v8);
+                        for (int u = 0; u < 8; u++) {
+                            float v = v8[u] * scale;
+                            se[i8 + u - i0] = v;
+                            if (v > mx) mx = v;
+                        }
+                    }
+                for (int i = i8; i < i1; i++) {
                     float v = dot(qh, kg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd, hd) * scale;
                     se[i - i0] = v;
                     if (v > mx) mx = v;
@@ -739,6 +768,20 @@ static void attention(const float *qkv, const float *rot, const sc_batch *bt, si
                 pp[0] = mx;
                 pp[1] = sum;
                 float *acc = pp + 2;
+                if (hd % (4 * VW) == 0) { /* 4 vectors of acc held in registers over the chunk's keys; the same
+                                           * multiply-adds in the same order as the loop below */
+                    for (int d0 = 0; d0 < hd; d0 += 4 * VW) {
+                        vf a[4];
+                        SC_UNROLL for (int c4 = 0; c4 < 4; c4++) a[c4] = vsplat(0.f);
+                        for (int i = i0; i < i1; i++) {
+                            const float *vrow = vg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd + d0;
+                            vf p = vsplat(se[i - i0]);
+                            SC_UNROLL for (int c4 = 0; c4 < 4; c4++) a[c4] = vfma(p, vload(vrow + c4 * VW), a[c4]);
+                        }
+                        memcpy(acc + d0, a, sizeof a);
+                    }
+                    continue;
+                }
                 for (int d = 0; d < hd; d++) acc[d] = 0.f;
                 for (int i = i0; i < i1; i++) {
                     const float *vrow = vg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd;
