@@ -254,6 +254,21 @@ static inline float min_term(const sc_mat *W, size_t n, const float *x, const fl
     return s;
 }
 
+/* sums[r * RB + j] = hsum(acc[r][j]) (SC_HSUM8: eight accumulators' trees at once, the same adds
+ * in vector registers). */
+static inline __attribute__((always_inline)) void reduce_acc(const int R, const int RB, vf acc[RMAX][RBMAX],
+                                                            float *sums) {
+#ifdef SC_HSUM8
+    vf flat[RMAX * RBMAX];
+    int i = 0;
+    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) flat[r * RB + j] = acc[r][j];
+    for (; i + 8 <= R * RB; i += 8) hsum8(flat + i, sums + i);
+    for (; i < R * RB; i++) sums[i] = hsum(flat[i]);
+#else
+    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) sums[r * RB + j] = hsum(acc[r][j]);
+#endif
+}
+
 /* R rows of x (row stride ldx) against weight rows n0..n0+RB-1: y[r * ldy + n] = x_r . w_n + b_n. */
 static inline __attribute__((always_inline)) void tile(const int fmt, const int R, const int RB, const sc_mat *W,
                                                       const float *x, int ldx, const float *xs, float *y, int ldy,
@@ -342,17 +357,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         }
     }
     float sums[RMAX * RBMAX];
-#ifdef SC_HSUM8 /* eight accumulators' trees at once: the same adds, in vector registers */
-    {
-        vf flat[RMAX * RBMAX];
-        int i = 0;
-        SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) flat[r * RB + j] = acc[r][j];
-        for (; i + 8 <= R * RB; i += 8) hsum8(flat + i, sums + i);
-        for (; i < R * RB; i++) sums[i] = hsum(flat[i]);
-    }
-#else
-    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) sums[r * RB + j] = hsum(acc[r][j]);
-#endif
+    reduce_acc(R, RB, acc, sums);
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) {
         float s = sums[r * RB + j];
         if (fmt == SC_I8 && W->has_min) s += min_term(W, (size_t)(n0 + j), x + (size_t)r * ldx, xs ? xs + (size_t)r * ng : NULL);
@@ -487,17 +492,7 @@ static inline __attribute__((always_inline)) void tile_q8(const int R, const int
         }
     }
     float sums[RMAX * RBMAX];
-#ifdef SC_HSUM8
-    {
-        vf flat[RMAX * RBMAX];
-        int i = 0;
-        SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) flat[r * RB + j] = acc[r][j];
-        for (; i + 8 <= R * RB; i += 8) hsum8(flat + i, sums + i);
-        for (; i < R * RB; i++) sums[i] = hsum(flat[i]);
-    }
-#else
-    SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) sums[r * RB + j] = hsum(acc[r][j]);
-#endif
+    reduce_acc(R, RB, acc, sums);
     SC_UNROLL for (int j = 0; j < RB; j++) {
         float d = sm_at(W, 2 * (size_t)(n0 + j)), b = W->bias ? W->bias[n0 + j] : 0.f;
         SC_UNROLL for (int r = 0; r < R; r++) y[(size_t)r * ldy + n0 + j] = sums[r * RB + j] * d + b;
