@@ -22,7 +22,7 @@ to F32 by the ``gguf`` package.
 
 I8Q8 is for drafts only: the kernels quantize each row of activations to int8 per block of 32
 inputs (scale ``amax / 127``, GGML's Q8 way, :func:`q8_activations`) and take integer dot
-products (``vpmaddubsw`` on x86-64), about twice fewer instructions a weight than widening int8 to
+products (``vpmaddubsw`` on x86-64), about half the instructions a weight of widening int8 to
 fp32. Approximate, so never a target's format: only the target decides what is emitted.
 The INT8 drafts are I8Q8 where ``K`` is a multiple of 64, else I8 with one group per row.
 """
