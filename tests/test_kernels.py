@@ -110,6 +110,14 @@ def _matmul(k, w: PackedWeight, x: torch.Tensor, bias=None) -> torch.Tensor:
     return y
 
 
+def _assert_rows_as_one_row(k, w: PackedWeight, x: torch.Tensor, bias, one: torch.Tensor, what: str) -> None:
+    """Every pass shape over the 13 rows of x: each row bit-identical to its one-row product ``one``."""
+    for M in (2, 3, 4, 5, 6, 7, 9, 13):
+        for start in (0, 13 - M):
+            got = _matmul(k, w, x[start : start + M], bias)
+            assert torch.equal(got, one[start : start + M]), f"{what}: M={M} differs from one row"
+
+
 @pytest.mark.parametrize("variant", RUNNABLE)
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4", "q4-f16", "q4-odd"])
 def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
@@ -124,10 +132,7 @@ def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
     ref = x.double() @ w.dequantize().double().T + bias.double()
     one = torch.cat([_matmul(k, w, x[i : i + 1], bias) for i in range(13)])
     torch.testing.assert_close(one.double(), ref, rtol=1e-5, atol=1e-4)
-    for M in (2, 3, 4, 5, 6, 7, 9, 13):  # every pass shape: each row bit-identical to its one-row product
-        for start in (0, 13 - M):
-            got = _matmul(k, w, x[start : start + M], bias)
-            assert torch.equal(got, one[start : start + M]), f"{variant} {fmt}: M={M} differs from one row"
+    _assert_rows_as_one_row(k, w, x, bias, one, f"{variant} {fmt}")
     dense = _matmul(k, PackedWeight.dense(w.dequantize()), x, bias)
     if w.fmt == Format.I8:  # int8 takes each group's scale out of its sum: close to the dequantized product
         torch.testing.assert_close(_matmul(k, w, x, bias), dense, rtol=1e-5, atol=1e-4)
@@ -156,9 +161,7 @@ def test_i8q8_matches_its_reference_and_is_batch_invariant(variant):
     torch.testing.assert_close(one.double(), ref, rtol=1e-5, atol=1e-3)
     exact = x.double() @ w.dequantize().double().T + bias.double()
     assert (one.double() - exact).abs().max() > 1e-2  # the activations were rounded: not the exact product
-    for M in (2, 3, 4, 5, 6, 7, 9, 13):
-        for start in (0, 13 - M):
-            assert torch.equal(_matmul(k, w, x[start : start + M], bias), one[start : start + M])
+    _assert_rows_as_one_row(k, w, x, bias, one, f"{variant} i8q8")
 
 
 def test_i8q8_only_for_rows_with_one_scale():

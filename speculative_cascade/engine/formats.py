@@ -78,10 +78,15 @@ class PackedWeight:
         sm = _compact(torch.stack([scale, minimum], -1))
         return cls(Format.I8, q.to(torch.int8).contiguous(), sm, K // scale.shape[1], (N, K))
 
+    @property
+    def takes_q8_activations(self) -> bool:
+        """Can this matrix run as I8Q8: I8 with one group per row, no mins, K a multiple of 64?"""
+        return self.fmt == Format.I8 and self.group == self.shape[1] and not self.has_min and self.shape[1] % 64 == 0
+
     def with_q8_activations(self) -> "PackedWeight":
-        """This I8 matrix (one group per row, no mins) run against int8-quantized activations
-        (I8Q8, drafts only); the same weights, shared. K must be a multiple of 64."""
-        if self.fmt != Format.I8 or self.group != self.shape[1] or self.has_min or self.shape[1] % 64:
+        """This I8 matrix run against int8-quantized activations (I8Q8, drafts only); the same
+        weights, shared. Needs :attr:`takes_q8_activations`."""
+        if not self.takes_q8_activations:
             raise ValueError("I8Q8 needs I8 weights with one scale per row, no mins, and K a multiple of 64")
         return PackedWeight(Format.I8Q8, self.data, self.sm, self.group, self.shape)
 

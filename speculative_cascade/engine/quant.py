@@ -47,7 +47,7 @@ def int8_weight(w: torch.Tensor) -> PackedWeight:
 def Int8Linear(linear: Linear) -> Linear:
     """An INT8 (per-channel) copy of a linear layer, with int8 activations where K allows (I8Q8)."""
     w = int8_weight(linear.weight)
-    return Linear.from_packed(w.with_q8_activations() if w.shape[1] % 64 == 0 else w, linear.bias)
+    return Linear.from_packed(w.with_q8_activations() if w.takes_q8_activations else w, linear.bias)
 
 
 GROUP = 32  # 4-bit weights: one (scale, min) pair per 32 consecutive inputs, as GGML's Q4_1

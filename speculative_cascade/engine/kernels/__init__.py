@@ -37,7 +37,7 @@ FLAGS = {
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC"]
 SOURCES = {name: _HERE / f"{name}.c" for name in FLAGS}
 STATUS_FILE = "_build_status.json"
-HEADERS = ("sc_kernels.h", "scalar_convert.h")
+HEADERS = ("sc_kernels.h", "scalar_convert.h", "x86_dot_i8.h")
 
 
 def source_digest(variant: str) -> str:

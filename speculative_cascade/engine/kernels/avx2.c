@@ -19,14 +19,8 @@ static inline vf cvt_bf16(const unsigned short *p) {
     return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* I8Q8: 32 weights times 32 activation codes: w with x's signs (vpsignb) times |x| (vpmaddubsw: pairs
- * of products, at most 2 * 127 * 127, no saturation), then pairs of pairs (vpmaddwd). */
 #define SC_DOT4_I8
-static inline __m256i dot4_i8_256(const signed char *w, const unsigned char *xa, const signed char *xq) {
-    __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), _mm256_loadu_si256((const __m256i *)xq));
-    __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)xa), sw);
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
+#include "x86_dot_i8.h"
 #define dot4_i8(w, xa, xq) ((vi)dot4_i8_256((w), (xa), (xq)))
 
 /* hsum of eight vectors at once, with hsum's adds (lanes i + i+4, then i + i+2, then 0 + 1): the

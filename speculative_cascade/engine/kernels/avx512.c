@@ -28,13 +28,9 @@ static inline vf lut_u4(const unsigned char *p, int hi, vf lut) {
     return (vf)_mm512_permutexvar_ps(b, (__m512)lut);
 }
 
-/* I8Q8: two halves of AVX2's sequence (vpsignb has no 512-bit form): lanes 0-7 from bytes 0-31. */
+/* I8Q8: AVX2's sequence on each half (lanes 0-7 from bytes 0-31). */
 #define SC_DOT4_I8
-static inline __m256i dot4_i8_256(const signed char *w, const unsigned char *xa, const signed char *xq) {
-    __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), _mm256_loadu_si256((const __m256i *)xq));
-    __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)xa), sw);
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
+#include "x86_dot_i8.h"
 #define dot4_i8(w, xa, xq)                                                                                 \
     ((vi)_mm512_inserti64x4(_mm512_castsi256_si512(dot4_i8_256((w), (xa), (xq))),                          \
                             dot4_i8_256((w) + 32, (xa) + 32, (xq) + 32), 1))
