@@ -154,6 +154,13 @@ static inline float sm_at(const sc_mat *W, size_t i) {
     return W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[i]) : ((const float *)W->sm)[i];
 }
 
+/* The (scale, min) pairs of 4-bit rows n0.. for group g when stored as fp32 (else NULL): rows'
+ * pairs follow each other within a block of Q4_ROWS. */
+static inline const float *q4_scales(const sc_mat *W, int n0, int ng, int g) {
+    if (W->sm_f16) return NULL;
+    return (const float *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS);
+}
+
 /* VW 4-bit weights from VW bytes zero-extended: their low nibbles (hi = 0) or high ones, as
  * q * d + m with one rounding: exactly the fp32 dequantization. */
 static inline vf q4_deq(vi q, int hi, vf d, vf m) { return vdeq(__builtin_convertvector(hi ? q >> 4 : q & 15, vf), d, m); }
@@ -280,29 +287,21 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
     /* int8 with one scale per row: no group loop, so the accumulators are not live across it */
     if (fmt == SC_I8 && ng == 1) i8_row(R, RB, W, x, ldx, n0, acc);
     else for (int g = 0; g < ng; g++) {
-        float d[RBMAX], m[RBMAX];
-        if (fmt == SC_Q4 && W->sm_f16) { /* the block's (scale, min) pairs for g: 16 consecutive halves */
-            const uint16_t *p = (const uint16_t *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS);
-            float dm[2 * Q4_ROWS];
-            SC_UNROLL for (int i = 0; i < 2 * Q4_ROWS; i += VW) {
-                vf v = cvt_f16(p + i);
-                memcpy(dm + i, &v, sizeof v);
+        if (fmt == SC_Q4) { /* the group's (scale, min) pairs, fp32, two floats apart: read where used */
+            const float *dm = q4_scales(W, n0, ng, g);
+            float dmc[2 * Q4_ROWS];
+            if (W->sm_f16) { /* the block's 16 halves converted at once */
+                const uint16_t *p = (const uint16_t *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS);
+                SC_UNROLL for (int i = 0; i < 2 * Q4_ROWS; i += VW) {
+                    vf v = cvt_f16(p + i);
+                    memcpy(dmc + i, &v, sizeof v);
+                }
+                dm = dmc + 2 * (RB == Q4_ROWS ? 0 : n0 % Q4_ROWS); /* a whole block: a constant offset */
             }
-            const int o = RB == Q4_ROWS ? 0 : n0 % Q4_ROWS; /* a whole block: a constant */
-            SC_UNROLL for (int j = 0; j < RB; j++) {
-                d[j] = dm[2 * (o + j)];
-                m[j] = dm[2 * (o + j) + 1];
-            }
-        } else SC_UNROLL for (int j = 0; j < RB; j++) {
-            size_t n = (size_t)(n0 + j);
-            size_t at = 2 * (fmt == SC_Q4 ? ((n / Q4_ROWS) * ng + g) * Q4_ROWS + n % Q4_ROWS : n * ng + g);
-            d[j] = quant ? sm_at(W, at) : 0.f;
-            m[j] = quant ? sm_at(W, at + 1) : 0.f;
-        }
-#ifdef SC_LUT16
-        if (fmt == SC_Q4) { /* q * d + m for q = 0..15 once per group, then one permute per 16 weights */
+            SC_OPAQUE(dm); /* each scale is broadcast from memory where it is used, not kept in registers */
+#ifdef SC_LUT16 /* q * d + m for q = 0..15 once per group, then one permute per 16 weights */
             vf lut[RBMAX];
-            SC_UNROLL for (int j = 0; j < RB; j++) lut[j] = vdeq(IOTA16, vsplat(d[j]), vsplat(m[j]));
+            SC_UNROLL for (int j = 0; j < RB; j++) lut[j] = vdeq(IOTA16, vsplat(dm[2 * j]), vsplat(dm[2 * j + 1]));
             const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
             SC_UNROLL for (int hi = 0; hi < 2; hi++) {
                 int k = g * 32 + 16 * hi;
@@ -313,25 +312,28 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                     SC_UNROLL for (int r = 0; r < R; r++) acc[r][j] = vfma(xv[r], w, acc[r][j]);
                 }
             }
-            continue;
-        }
-#else
-        if (fmt == SC_Q4) { /* each loaded byte gives two weights: its low nibble (k) and its high one (k + 16) */
+#else /* each loaded byte gives two weights: its low nibble (k) and its high one (k + 16) */
             const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
             const float *xg = x + (size_t)g * 32;
             SC_UNROLL for (int j = 0; j < RB; j++) {
                 vi b[16 / VW];
                 SC_UNROLL for (int h = 0; h < 16 / VW; h++) b[h] = ld_u8(base + (size_t)j * 16 + h * VW);
-                vf dj = vsplat(d[j]), mj = vsplat(m[j]);
+                vf dj = vsplat(dm[2 * j]), mj = vsplat(dm[2 * j + 1]);
                 SC_UNROLL for (int hi = 0; hi < 2; hi++) SC_UNROLL for (int h = 0; h < 16 / VW; h++) {
                     vf w = q4_deq(b[h], hi, dj, mj);
                     SC_UNROLL for (int r = 0; r < R; r++)
                         acc[r][j] = vfma(vload(xg + (size_t)r * ldx + 16 * hi + h * VW), w, acc[r][j]);
                 }
             }
+#endif
             continue;
         }
-#endif
+        float d[RBMAX], m[RBMAX];
+        SC_UNROLL for (int j = 0; j < RB; j++) {
+            size_t at = 2 * ((size_t)(n0 + j) * ng + g);
+            d[j] = quant ? sm_at(W, at) : 0.f;
+            m[j] = quant ? sm_at(W, at + 1) : 0.f;
+        }
         if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
             { /* the next block's rows, a slice per group: one stream ahead of the eight */
                 const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * K / ng;
