@@ -336,7 +336,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         }
         if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
             { /* the next block's rows, a slice per group: one stream ahead of the eight */
-                const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * K / ng;
+                const char *nx = (const char *)W->w + (size_t)(n0 + RB) * K + (size_t)g * RB * G; /* K / ng = G: no division in the loop */
                 for (int l = 0; l < RB * G; l += 64) __builtin_prefetch(nx + l);
             }
             if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
