@@ -154,13 +154,6 @@ static inline float sm_at(const sc_mat *W, size_t i) {
     return W->sm_f16 ? half_to_float(((const uint16_t *)W->sm)[i]) : ((const float *)W->sm)[i];
 }
 
-/* The (scale, min) pairs of 4-bit rows n0.. for group g when stored as fp32 (else NULL): rows'
- * pairs follow each other within a block of Q4_ROWS. */
-static inline const float *q4_scales(const sc_mat *W, int n0, int ng, int g) {
-    if (W->sm_f16) return NULL;
-    return (const float *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS);
-}
-
 /* VW 4-bit weights from VW bytes zero-extended: their low nibbles (hi = 0) or high ones, as
  * q * d + m with one rounding: exactly the fp32 dequantization. */
 static inline vf q4_deq(vi q, int hi, vf d, vf m) { return vdeq(__builtin_convertvector(hi ? q >> 4 : q & 15, vf), d, m); }
@@ -281,28 +274,29 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                                                       const float *x, int ldx, const float *xs, float *y, int ldy,
                                                       int n0) {
     const int K = W->k, G = W->group, ng = K / G;
-    const int quant = fmt == SC_I8 || fmt == SC_Q4;
+    const int quant = fmt == SC_I8; /* (4-bit groups read their scales above) */
     vf acc[RMAX][RBMAX];
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
     /* int8 with one scale per row: no group loop, so the accumulators are not live across it */
     if (fmt == SC_I8 && ng == 1) i8_row(R, RB, W, x, ldx, n0, acc);
     else for (int g = 0; g < ng; g++) {
-        if (fmt == SC_Q4) { /* the group's (scale, min) pairs, fp32, two floats apart: read where used */
-            const float *dm = q4_scales(W, n0, ng, g);
+        if (fmt == SC_Q4) {
+            /* group g of n0's block of Q4_ROWS rows: the rows' 16 bytes and (scale, min) pairs follow each other */
+            const size_t blk = ((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS;
+            const int o = RB == Q4_ROWS ? 0 : n0 % Q4_ROWS; /* n0's row in the block (a whole block: a constant) */
+            const uint8_t *base = (const uint8_t *)W->w + (blk + o) * 16;
             float dmc[2 * Q4_ROWS];
-            if (W->sm_f16) { /* the block's 16 halves converted at once */
-                const uint16_t *p = (const uint16_t *)W->sm + 2 * (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS);
+            const float *dm = dmc + 2 * o; /* the rows' pairs as fp32, two floats apart */
+            if (W->sm_f16) /* the block's 16 halves converted at once */
                 SC_UNROLL for (int i = 0; i < 2 * Q4_ROWS; i += VW) {
-                    vf v = cvt_f16(p + i);
+                    vf v = cvt_f16((const uint16_t *)W->sm + 2 * blk + i);
                     memcpy(dmc + i, &v, sizeof v);
                 }
-                dm = dmc + 2 * (RB == Q4_ROWS ? 0 : n0 % Q4_ROWS); /* a whole block: a constant offset */
-            }
+            else dm = (const float *)W->sm + 2 * (blk + o);
             SC_OPAQUE(dm); /* each scale is broadcast from memory where it is used, not kept in registers */
 #ifdef SC_LUT16 /* q * d + m for q = 0..15 once per group, then one permute per 16 weights */
             vf lut[RBMAX];
             SC_UNROLL for (int j = 0; j < RB; j++) lut[j] = vdeq(IOTA16, vsplat(dm[2 * j]), vsplat(dm[2 * j + 1]));
-            const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
             SC_UNROLL for (int hi = 0; hi < 2; hi++) {
                 int k = g * 32 + 16 * hi;
                 vf xv[RMAX];
@@ -313,7 +307,6 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                 }
             }
 #else /* each loaded byte gives two weights: its low nibble (k) and its high one (k + 16) */
-            const uint8_t *base = (const uint8_t *)W->w + (((size_t)(n0 / Q4_ROWS) * ng + g) * Q4_ROWS + n0 % Q4_ROWS) * 16;
             const float *xg = x + (size_t)g * 32;
             SC_UNROLL for (int j = 0; j < RB; j++) {
                 vi b[16 / VW];
