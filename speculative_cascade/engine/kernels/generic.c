@@ -19,5 +19,8 @@ static inline vf generic_deq(vf q, vf d, vf m) {
 
 #define RMAX 4
 #define RB_FOR(R) ((R) <= 1 ? 8 : (R) == 2 ? 4 : 2)
+/* 4-bit: the whole block of eight rows for any R (measured on x86-64, products of the 4-bit
+ * layers: 2, 3 and 4 rows 17%, 30% and 30% faster than with RB_FOR's 4, 2 and 2 weight rows). */
+#define RB_Q4(R) 8
 
 #include "sc_kernels.h"
