@@ -122,6 +122,25 @@ def test_plain_decoding_file(tmp_path):
     assert load_cascade({"stages": ["int8"], "k": [4]}).k == (4,)
 
 
+def test_tune_file_round_trips_every_kind_of_setting(tmp_path):
+    """What `cascade tune` writes reads back as the same configuration, whatever it chose:
+    booleans (adaptive), floats, lists and nested lists (k_matrix)."""
+    from speculative_cascade.config import CascadeConfig, load_cascade
+    from speculative_cascade.cost.tune import TuneResult
+
+    for settings in (
+        {"stages": ["int8"], "k": [3]},
+        {"stages": ["mag", "int8"], "k": [3, 8], "adaptive": True},
+        {"stages": ["mag", "int8"], "k_matrix": [[7, 2], [0, 1]], "lenience": 1.5, "precision": "fp32"},
+        {"stages": ["mag", "int8"], "mode": "tree", "tree_nodes": 16, "tree_width": 2, "tree_keep": 4},
+    ):
+        config = CascadeConfig.from_dict(settings)
+        result = TuneResult(config, 10.0, 5.0, [], None, 1.0, None, None)
+        f = tmp_path / "c.toml"
+        f.write_text(result.to_toml())
+        assert load_cascade(f) == config, f.read_text()
+
+
 def test_forward_cost_grows_with_the_context():
     t = ForwardCost("x", ((1, 0.010), (9, 0.020)), context=100, slope=((1, 1e-5), (9, 5e-5)))
     assert t(1) == 0.010 and t(1, 100) == 0.010

@@ -77,6 +77,8 @@ class TuneResult:
 
 
 def _toml(v) -> str:
+    if isinstance(v, bool):  # before numbers: a bool is an int in Python, and TOML spells it lowercase
+        return "true" if v else "false"
     if isinstance(v, str):
         return f'"{v}"'
     if isinstance(v, (list, tuple)):
