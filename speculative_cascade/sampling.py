@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import CascadeError
@@ -55,3 +56,12 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from a (V,) distribution."""
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def argmax_ids(logits: torch.Tensor) -> list[int]:
+    """The index of each row's largest logit (the first, on ties) for ``(..., V)`` logits, as ints.
+    On the CPU through NumPy: torch's reduction over 49152 logits took ~0.1 ms here, NumPy's
+    ~0.01 (greedy decoding takes one a token). Same answer, ties and NaN included."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
+        return np.asarray(logits.numpy().argmax(-1)).reshape(-1).tolist()
+    return logits.argmax(-1).reshape(-1).tolist()

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .sampling import sample
+from .sampling import argmax_ids, sample
 
 
 def verify_greedy(draft: list[int], target_logits: torch.Tensor, lenience: float = 1.0) -> tuple[int, int]:
@@ -26,7 +26,7 @@ def verify_greedy(draft: list[int], target_logits: torch.Tensor, lenience: float
     ``lenience > 1`` (CSD's leniency; only ever used *below* the target) also accepts a
     token whose probability is within a factor ``lenience`` of the argmax's."""
     assert target_logits.shape[0] == len(draft) + 1
-    best = target_logits.argmax(-1).tolist()  # (k + 1,)
+    best = argmax_ids(target_logits)  # (k + 1,)
     n = 0
     if lenience == 1.0:
         while n < len(draft) and draft[n] == best[n]:
@@ -92,7 +92,7 @@ def _children(parents: list[int]) -> dict[int, list[int]]:
 def verify_tree_greedy(tokens: list[int], parents: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
     """Follow the target's argmax down the tree; return (accepted node path, next token)."""
     assert logits.shape[0] == len(tokens) + 1
-    best = logits.argmax(-1).tolist()
+    best = argmax_ids(logits)
     kids = _children(parents)
     node, path = -1, []  # type: tuple[int, list[int]]
     while True:

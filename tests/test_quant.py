@@ -82,3 +82,33 @@ def test_int4_kernels_match_reference(variant):
     a, b = q(ids, q.new_cache(16)).flatten(), model(ids, model.new_cache(16)).flatten()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95  # close to the original's logits
     assert q.nbytes < quantize_int8(model).nbytes
+
+
+def test_embedding_lookup_of_a_few_rows_is_the_dequantization():
+    """rows() takes a NumPy path for a few ids (decoding's one-row lookups): every quantized
+    format gives exactly dequantize()'s rows, in any shape, repeats included."""
+    from speculative_cascade.engine.formats import PackedWeight
+    from speculative_cascade.engine.quant import int8_weight, quantize_weight_q4
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    packed, sm = quantize_weight_q4(w)
+    i8 = int8_weight(w)
+    for p in (PackedWeight.q4(packed, sm), i8, i8.with_q8_activations() if i8.takes_q8_activations else i8,
+              PackedWeight.int8(torch.randint(-127, 128, (64, 96)), torch.rand(64, 3), torch.randn(64, 3))):
+        for ids in (torch.tensor([5]), torch.tensor([[0, 63], [7, 7]]), torch.arange(64)):
+            want = p.dequantize(ids.reshape(-1)).view(*ids.shape, 96)
+            assert torch.equal(p.rows(ids), want), (p.fmt, ids.shape)
+        assert p.rows(torch.arange(64)).shape == (64, 96) and p.rows(torch.arange(65) % 64).shape == (65, 96)
+
+
+def test_argmax_ids_is_torchs_argmax():
+    from speculative_cascade.sampling import argmax_ids
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 1000)
+    x[1, 10] = x[1, 20] = x[1].max() + 1  # a tie: the first index, as torch
+    x[2, 30] = float("nan")  # NaN counts as the largest, as torch
+    assert argmax_ids(x) == x.argmax(-1).tolist() and argmax_ids(x)[1] == 10 and argmax_ids(x)[2] == 30
+    assert argmax_ids(x[3]) == [int(x[3].argmax())]
+    assert argmax_ids(x.bfloat16()) == x.bfloat16().argmax(-1).tolist()

@@ -142,7 +142,24 @@ class PackedWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: dequantized rows ``ids`` (any shape) -> (*ids.shape, K)."""
         flat = ids.reshape(-1)
+        if self.quantized and flat.numel() <= 64 and self.data.device.type == "cpu":
+            return self._few_rows(flat.cpu().numpy()).view(*ids.shape, self.shape[1])
         return self.dequantize(flat).view(*ids.shape, self.shape[1])
+
+    def _few_rows(self, idx: np.ndarray) -> torch.Tensor:
+        """:meth:`dequantize` of a few rows in NumPy: the same float64 arithmetic, a few times less
+        overhead (decoding looks one embedding row up a token; measured 69 -> 20 us)."""
+        data, sm = self.data.numpy(), self.sm.numpy()
+        if self.fmt == Format.Q4:
+            b, j = idx // Q4_ROWS, idx % Q4_ROWS
+            nib, sm = data[b, :, j, :], sm[b, :, j, :]  # (n, K / 32, 16), (n, K / 32, 2)
+            q = np.concatenate([nib & 15, nib >> 4], -1)
+        else:
+            q, sm = data[idx], sm[idx]
+        q = q.astype(np.float64).reshape(len(idx), -1, self.group)
+        sm = sm.astype(np.float64)
+        w = (q * sm[..., :1] + sm[..., 1:]).astype(np.float32)
+        return torch.from_numpy(w.reshape(len(idx), self.shape[1]))
 
     @functools.cached_property
     def has_min(self) -> bool:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..engine.kv_cache import KVCache
-from ..sampling import sample, warp
+from ..sampling import argmax_ids, sample, warp
 from .base import Reviewer, Stage, TreeScorer
 
 
@@ -169,7 +169,7 @@ class ModelStage(Stage, Reviewer, TreeScorer):
         logits = self._forward(ids, last_only=True)[-1]
         for i in range(k):
             if params.greedy:
-                tok = int(logits.argmax())
+                tok = argmax_ids(logits)[0]
             else:
                 q = warp(logits, params)
                 tok = sample(q, generator)
