@@ -390,6 +390,9 @@ def bench(
         100, "--sampling-check", help="Sampled generations per method for the distribution check (0: off)."
     ),
     chat: bool = typer.Option(True, "--chat/--no-chat"),
+    repeats: int = typer.Option(
+        3, "--repeats", help="Runs of each method on each prompt (taking turns); each prompt's median run counts."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here."),
     report_dir: Optional[Path] = typer.Option(
         None, "--report", help="Write report.json, report.md and PNG plots into this folder."
@@ -418,6 +421,7 @@ def bench(
             cascade=cascade,
             predict=predict,
             sampling_check=sampling_check,
+            repeats=repeats,
         )
         report = run_bench(settings)
     except CascadeError as e:

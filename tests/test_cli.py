@@ -196,6 +196,21 @@ def test_bench_report(tmp_path, tiny_model_dir):
     assert terms["miss"]["acceptance"] == pytest.approx(pred["tokens_per_round"] / m["tokens_per_round"] - 1)
     check = rep["methods"]["spec"]["sampling_check"]
     assert check["samples"] == 100 and check["p_value"] > 1e-4  # fails by chance once in 10,000 runs
+    assert rep["config"]["repeats"] == 3  # each method ran each prompt three times; the median run counts
+    for p in rep["prompts"]:
+        for name in ("ar", "spec"):
+            runs = sorted(t["decode_s"] for t in p["runs"][name])
+            assert len(runs) == 3 and p["decode_seconds"][name] == runs[1]
+    cats = {p["category"] for p in rep["prompts"]}
+    for name in ("ar", "spec"):  # by category: decode tok/s of the median runs
+        by = rep["methods"][name]["by_category"]
+        assert rep["methods"][name]["by_category_basis"] == "decode" and set(by) == cats
+        for c in cats:
+            ps = [p for p in rep["prompts"] if p["category"] == c]
+            toks = sum(p["new_tokens"][name] for p in ps)
+            assert by[c] == pytest.approx(toks / sum(p["decode_seconds"][name] for p in ps))
+    assert rep["methods"]["hf"]["by_category_basis"] == "wall"  # no prefill timing of its own
+    assert "categories at or above ar (tok/s by category): " in r.stderr
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
     assert bad.exit_code == 2 and "unknown method" in bad.stderr
     prompts.write_text("not json\n")
@@ -335,3 +350,22 @@ def test_chi2_test_agrees_with_scipy_and_rejects_a_wrong_distribution():
     assert stat == pytest.approx(ref.statistic) and df == 3 and p == pytest.approx(ref.pvalue)
     _, _, p_bad = chi2_test(torch.tensor([25.0, 30.0, 35.0, 8.0, 2.0]), probs)
     assert p_bad < 1e-6
+
+
+def test_median_run_and_categories_vs_ar():
+    from speculative_cascade.bench.methods import Result
+    from speculative_cascade.bench.report import BenchReport, MethodReport, categories_vs_ar
+    from speculative_cascade.bench.runner import median_run
+
+    runs = [Result([1], 2.0, 1.5), Result([1], 1.0, 0.9), Result([1], 3.0, 1.2)]
+    assert median_run(runs) is runs[2]  # by decoding time, not wall time
+    assert median_run(runs[:2]) is runs[1]  # an even number: the faster middle run
+    wall = [Result([1], 2.0), Result([1], 1.0), Result([1], 3.0)]
+    assert median_run(wall) is wall[0]  # no decoding time: wall time
+
+    def m(by, basis="decode"):
+        return MethodReport(1, 1.0, 1.0, 1.0, by, basis)
+
+    rep = BenchReport({}, {"ar": m({"a": 10.0, "b": 10.0, "c": 10.0}), "x": m({"a": 10.0, "b": 11.0, "c": 9.9}),
+                           "hf": m({"a": 99.0, "b": 99.0, "c": 99.0}, "wall")})
+    assert categories_vs_ar(rep) == {"x": (2, 3)}  # level counts; a different basis is not compared

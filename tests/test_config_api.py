@@ -212,6 +212,26 @@ def test_mag_lookup_matches_its_plain_definition(seq, end, k, max_ngram, extra):
     assert got == _reference_match(seq, end, k, max_ngram, min_ngram)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.lists(st.integers(1, 4), min_size=1, max_size=8),
+       st.integers(0, 2**16))
+def test_mag_keeps_its_array_across_a_generation(seq, steps, seed):
+    """One MaG over a growing sequence (then over other sequences, with and without a reset)
+    proposes what a fresh MaG given the whole sequence proposes at every step."""
+    rng = np.random.default_rng(seed)
+    kept = MaG(4, max_ngram=3, min_ngram=1)
+    other = [(seq[0] + 1) % 4] + seq[1:]  # another sequence; the stage's contract: reset between generations
+    for prompt, reset in ((seq, True), (list(reversed(seq)), True), (other, False), (seq, False)):
+        if reset:
+            kept.reset()
+        ids = list(prompt)
+        for grow in steps:
+            fresh = MaG(4, max_ngram=3, min_ngram=1)
+            fresh.prompt_len = kept.prompt_len = len(prompt)
+            assert kept.propose(ids, 4)[0] == fresh.propose(ids, 4)[0]
+            ids = ids + rng.integers(0, 4, grow).tolist()
+
+
 def test_distill_cli_trains_a_tiny_model(tiny_model_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("the quick brown fox\nhello world\nspeculative decoding\n")

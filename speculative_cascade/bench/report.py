@@ -70,7 +70,8 @@ class MethodReport:
     seconds: float
     tokens_per_s: float
     decode_tokens_per_s: float | None
-    by_category: dict[str, float]
+    by_category: dict[str, float]  # tok/s by Spec-Bench category (basis: by_category_basis)
+    by_category_basis: str = "wall"  # "decode": prefill excluded; "wall": the whole call
     acceptance_rate: float | None = None
     mean_accepted_length: float | None = None
     acceptance_by_position: list[float] | None = None
@@ -131,16 +132,18 @@ def method_report(rows: list[dict], results: list, ref: list | None) -> MethodRe
     tokens = sum(len(r.token_ids) for r in results)
     seconds = sum(r.seconds for r in results)
     decode = [r.decode_seconds for r in results]
+    by_decode = all(d for d in decode)  # decode tok/s by category where the method tells prefill apart
     by_cat: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for row, r in zip(rows, results):
         by_cat[row["category"]][0] += len(r.token_ids)
-        by_cat[row["category"]][1] += r.seconds
+        by_cat[row["category"]][1] += r.decode_seconds if by_decode else r.seconds
     m = MethodReport(
         tokens=tokens,
         seconds=seconds,
         tokens_per_s=tokens / seconds if seconds else 0.0,
-        decode_tokens_per_s=tokens / sum(decode) if all(d for d in decode) else None,
+        decode_tokens_per_s=tokens / sum(decode) if by_decode else None,
         by_category={c: (t / s if s else 0.0) for c, (t, s) in by_cat.items()},
+        by_category_basis="decode" if by_decode else "wall",
     )
     stats = [r.stats for r in results if r.stats]
     if stats and any(s.get("drafted") for s in stats):
@@ -331,10 +334,26 @@ def print_terminal(report: BenchReport, console: Console) -> None:
     ]
     if misses:
         console.print("predictions off by more than 10%, largest term: " + ", ".join(misses))
+    above = categories_vs_ar(report)
+    if above:
+        console.print("categories at or above ar (tok/s by category): " + ", ".join(
+            f"{n} {a}/{t}" for n, (a, t) in above.items()))
     for name, m in report.methods.items():
         if m.stages and len(m.stages) >= 3:
             title = f"{name}: per stage (gamma g_{{i+1|i}}: stage i's proposals accepted by stage i+1)"
             console.print(rich_stage_table(title, stage_table(m.stages)))
+
+
+def categories_vs_ar(report: BenchReport) -> dict[str, tuple[int, int]]:
+    """Per method other than ar: in how many categories its tok/s is at least ar's (same basis)."""
+    ar = report.methods.get("ar")
+    if ar is None or len(ar.by_category) < 2:
+        return {}
+    out = {}
+    for name, m in report.methods.items():
+        if name != "ar" and m.by_category_basis == ar.by_category_basis:
+            out[name] = (sum(m.by_category.get(c, 0.0) >= v for c, v in ar.by_category.items()), len(ar.by_category))
+    return out
 
 
 # -- Markdown ------------------------------------------------------------------------------------
@@ -400,12 +419,23 @@ def markdown(report: BenchReport) -> str:
             out += ["", f"## Throughput breakdown: {name}", ""]
             out += _md_table(STAGE_COLUMNS, ("---",) + ("---:",) * 8, stage_table(m.stages))
     cats = sorted({c for m in methods.values() for c in m.by_category})
-    out += ["", "## Tokens/s by category", ""]
+    decode = all(m.by_category_basis == "decode" for m in methods.values())
+    out += ["", "## Decode tokens/s by category" if decode else "## Tokens/s by category", ""]
+    above = categories_vs_ar(report)
     out += _md_table(
-        ("method", *cats),
-        ("---",) + ("---:",) * len(cats),
-        [(name, *(_fmt(m.by_category.get(c), ".1f") for c in cats)) for name, m in methods.items()],
+        ("method", *cats, "at or above ar"),
+        ("---",) + ("---:",) * (len(cats) + 1),
+        [
+            (
+                name if decode or m.by_category_basis == "decode" else f"{name} (prefill included)",
+                *(_fmt(m.by_category.get(c), ".1f") for c in cats),
+                f"{above[name][0]}/{above[name][1]}" if name in above else "-",
+            )
+            for name, m in methods.items()
+        ],
     )
+    out += ["", "Prefill excluded" + (" (where a method times it apart)" if not decode else "")
+            + f"; each prompt's median of {cfg.get('repeats', 1)} run(s) per method."]
     out += [
         "",
         "Plots: `speedup.png` (speedup over ar by method and category), `acceptance.png` "

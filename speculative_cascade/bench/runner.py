@@ -7,7 +7,7 @@ import gc
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..config import TWO_STAGE_K, CascadeConfig
-from ..cost.calibrate import measure_target_cost, profile_round
+from ..cost.calibrate import RoundProfiler, measure_target_cost
 from ..decoding import StopChecker, generate_tokens
 from ..engine import kernels
 from ..engine.loader import load_model
@@ -45,6 +45,7 @@ class BenchSettings:
     cascade: Path | None = None  # a cascade file, benched as 'custom'
     predict: bool = True
     sampling_check: int = 100
+    repeats: int = 3  # runs of each method on each prompt, taking turns; the median run counts
 
     def check(self) -> None:
         """Every mistake in the options, before anything is loaded."""
@@ -61,6 +62,8 @@ class BenchSettings:
             raise CascadeError("--max-new-tokens must be >= 1")
         if self.sampling_check < 0:
             raise CascadeError("--sampling-check must be >= 0")
+        if self.repeats < 1:
+            raise CascadeError("--repeats must be >= 1")
         if self.k < 1:
             raise CascadeError("--k must be >= 1")
 
@@ -69,7 +72,9 @@ class BenchSettings:
 class MethodRun:
     """What running one method measured."""
 
-    results: list[Result]
+    results: list[Result]  # per prompt: the median of its runs
+    tries: list[list[tuple]] = field(default_factory=list)  # per prompt: (decode s, wall s) of every run
+    profiler: RoundProfiler | None = None  # the cost model's profile of its rounds, generation by generation
     prediction: Prediction | None = None
     sampling_check: dict | None = None
     peak_rss_mb: float | None = None
@@ -106,12 +111,37 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
         for name in order:
             methods[name], runs[name] = _prepare_method(name, ctx, settings, encode, progress)
         # the methods take turns on each prompt (who starts rotates), so that a machine whose speed
-        # drifts during the run slows them alike and their ratios are measured side by side
-        task = progress.add_task("prompts", total=len(rows) * len(order))
+        # drifts during the run slows them alike and their ratios are measured side by side; each
+        # runs each prompt `repeats` times and its median run counts (one slow spell of a shared
+        # machine then moves no figure). The cost model's profiling generations (held-out
+        # prompts) take turns with them, so that prediction and measurement see the same machine.
+        profiled = [n for n in order if runs[n].profiler is not None]
+        cal = ctx.calibration_prompts if profiled else []
+        task = progress.add_task("prompts", total=len(rows) * len(order) * settings.repeats + len(cal) * len(profiled))
+        turn, done = 0, 0
         for i, r in enumerate(rows):
-            for name in order[i % len(order):] + order[: i % len(order)]:
-                runs[name].results.append(methods[name].run(r["ids"], settings.max_new_tokens))
-                progress.advance(task)
+            tries: dict[str, list[Result]] = {name: [] for name in order}
+            for _ in range(settings.repeats):
+                for name in order[turn % len(order):] + order[: turn % len(order)]:
+                    tries[name].append(methods[name].run(r["ids"], settings.max_new_tokens))
+                    progress.advance(task)
+                turn += 1
+            for name in order:
+                runs[name].results.append(median_run(tries[name]))
+                runs[name].tries.append([(t.decode_seconds, t.seconds) for t in tries[name]])
+            for ids in cal[done : (i + 1) * len(cal) // len(rows)]:  # this prompt's share of the profiling
+                for name in profiled[turn % len(profiled):] + profiled[: turn % len(profiled)]:
+                    runs[name].profiler.run(methods[name].target_stage, ids, max_new_tokens=CALIBRATION_TOKENS,
+                                            eos=ctx.eos_ids())
+                    progress.advance(task)
+                done += 1
+        for name in order:
+            if runs[name].profiler is not None:
+                runs[name].prediction = _predict(ctx, runs[name].profiler.result(), None, settings.max_new_tokens)
+            elif settings.predict and methods[name].round is not None and methods[name].tuned is not None:
+                tuned = methods[name].tuned
+                k = tuned.config.k[-1] if tuned.config is not None else 0
+                runs[name].prediction = _predict(ctx, tuned.profile, k, settings.max_new_tokens)
         for name in order:
             _sampling(name, methods[name], ctx, settings, encode, progress, runs[name])
         task = progress.add_task("perplexity", total=len(rows))
@@ -128,6 +158,15 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     report = _build_report(settings, loaded.name, ctx, machine, rows, runs, ppl)
     print_terminal(report, console)
     return report
+
+
+def median_run(tries: list[Result]) -> Result:
+    """The run of median decoding time (wall time where the method cannot tell its prefill apart;
+    the faster middle one of an even number)."""
+    def key(r: Result) -> float:
+        return r.decode_seconds if r.decode_seconds is not None else r.seconds
+
+    return sorted(tries, key=key)[(len(tries) - 1) // 2]
 
 
 def _machine_line(machine: dict) -> str:
@@ -153,13 +192,16 @@ def _encode_rows(rows: list[dict], encode, limit: int, console: Console) -> list
 
 
 def _prepare_method(name: str, ctx: BenchContext, settings: BenchSettings, encode, progress) -> tuple[Method, MethodRun]:
-    """Build and warm up one method, and predict its speed (native methods); its results come later."""
+    """Build and warm up one method; its results (and its profile's generations) come later."""
     task = progress.add_task(f"{name:6s} setting up", total=None)
     method = METHODS[name](ctx)
     method.run(encode("Hello"), 8)  # warm-up
     run = MethodRun([])
     if settings.predict and method.round is not None:
-        run.prediction = _predict(ctx, method, settings.max_new_tokens)
+        if ctx.target_cost is None:
+            ctx.target_cost = measure_target_cost(method.target_stage, ctx.calibration_prompts, ctx.max_len)
+        if method.tuned is None:  # 'auto' predicts from the profile its tune measured
+            run.profiler = RoundProfiler(method.name, method.round, ctx.target_cost)
     progress.remove_task(task)
     return method, run
 
@@ -183,6 +225,7 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
             "max_new_tokens": settings.max_new_tokens,
             "chat_template": settings.chat,
             "prompts": len(rows),
+            "repeats": settings.repeats,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
@@ -209,6 +252,8 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
                 "prompt_tokens": len(row["ids"]),
                 "new_tokens": {n: len(r.results[i].token_ids) for n, r in runs.items()},
                 "seconds": {n: r.results[i].seconds for n, r in runs.items()},
+                "decode_seconds": {n: r.results[i].decode_seconds for n, r in runs.items()},
+                "runs": {n: [{"decode_s": d, "s": w} for d, w in r.tries[i]] for n, r in runs.items() if i < len(r.tries)},
             }
         )
     return report
@@ -356,25 +401,9 @@ def _sampling_check(ctx, method, prompt_ids: list[int], n: int, advance) -> dict
     }
 
 
-def _predict(ctx: BenchContext, method: Method, max_new_tokens: int) -> Prediction:
-    """The cost model's prediction for a native method: its rounds profiled on the calibration
-    prompts (never the benchmarked ones), predicted for the benchmark's context and length."""
-    if ctx.target_cost is None:
-        ctx.target_cost = measure_target_cost(method.target_stage, ctx.calibration_prompts, ctx.max_len)
-    tuned = method.tuned
-    if tuned is not None:  # 'auto': the profile tune chose, at the k it chose
-        profile, k = tuned.profile, (tuned.config.k[-1] if tuned.config is not None else 0)
-    else:
-        profile = profile_round(
-            method.name,
-            method.round,
-            method.target_stage,
-            ctx.calibration_prompts,
-            ctx.target_cost,
-            max_new_tokens=CALIBRATION_TOKENS,
-            eos=ctx.eos_ids(),
-        )
-        k = None
+def _predict(ctx: BenchContext, profile, k: int | None, max_new_tokens: int) -> Prediction:
+    """The cost model's prediction for a native method from its rounds' profile (calibration
+    prompts, never the benchmarked ones), for the benchmark's context and length."""
     p = profile.predict(k, ctx.context, max_new_tokens)
     return Prediction(
         decode_tokens_per_s=p["tokens_per_s"],

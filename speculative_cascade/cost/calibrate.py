@@ -146,6 +146,60 @@ class _Totals:
                 self.context_tokens += s.tokens_in
 
 
+class RoundProfiler:
+    """Profiles one configuration's rounds a generation at a time (so that its calibration
+    generations can take turns with other work); :meth:`result` summarises them.
+
+    ``target_cost``: the target's standalone ``t(n, L)``; it is scaled so that it matches the
+    verification time measured here."""
+
+    def __init__(self, name: str, rnd: Round, target_cost: ForwardCost) -> None:
+        self.name, self.rnd, self.target_cost = name, rnd, target_cost
+        self.tree = isinstance(rnd, TreeRound)
+        k = rnd.k
+        self.acc, self.dr, self.bud = [0] * k, [0] * k, [0] * k
+        self.tot = _Totals()
+        self.prompts = 0
+
+    def run(self, target_stage: ModelStage, ids: list[int], *, max_new_tokens: int = 48, eos=()) -> None:
+        """One calibration generation of ``max_new_tokens`` tokens after ``ids``."""
+        _, st = generate_tokens(target_stage, ids, round=self.rnd, max_new_tokens=max_new_tokens, stop=StopChecker(eos))
+        for i in range(min(self.rnd.k, len(st.budgeted_by_position))):
+            self.acc[i] += st.accepted_by_position[i]
+            self.dr[i] += st.drafted_by_position[i]
+            self.bud[i] += st.budgeted_by_position[i]
+        self.tot.add(st, len(ids))
+        self.prompts += 1
+
+    def result(self) -> RoundProfile:
+        tot, tree = self.tot, self.tree
+        if not tot.rounds or not tot.decode_s:
+            raise CascadeError(f"calibration of {self.name} generated nothing")
+        context = tot.context / tot.rounds
+        per_round_verify = tot.verify_s / tot.rounds
+        mean_verified = tot.drafted / tot.rounds + 1
+        # tree-masked forwards take another code path: their time per round is used as measured
+        scale = 1.0 if tree else per_round_verify / max(self.target_cost(mean_verified, context), 1e-9)
+        unit = tot.rounds if tree else max(tot.drafted, 1)
+        return RoundProfile(
+            name=self.name,
+            tree=tree,
+            k=self.rnd.k,
+            accept=Acceptance.from_counts(self.acc, self.bud),
+            drafts=Acceptance.from_counts(self.dr, self.bud),
+            token_cost=tot.draft_s / max(tot.drafted, 1),
+            draft_per_round=tot.draft_s / tot.rounds,
+            verify_per_round=per_round_verify,
+            overhead=tot.other_s / tot.rounds,
+            context_forwards=tot.context_forwards / unit,
+            context_tokens=tot.context_tokens / tot.context_forwards if tot.context_forwards else 1.0,
+            context=context,
+            new_tokens=tot.new_tokens / max(self.prompts, 1),
+            measured_tokens_per_s=tot.new_tokens / tot.decode_s,
+            target_cost=self.target_cost.scaled(scale),
+        )
+
+
 def profile_round(
     name: str,
     rnd: Round,
@@ -156,43 +210,8 @@ def profile_round(
     max_new_tokens: int = 48,
     eos=(),
 ) -> RoundProfile:
-    """Run ``rnd`` (a chain or tree round) on ``prompts`` and summarise its rounds.
-
-    ``target_cost``: the target's standalone ``t(n, L)``; it is scaled so that it matches the
-    verification time measured here."""
-    tree = isinstance(rnd, TreeRound)
-    k = rnd.k
-    acc, dr, bud = [0] * k, [0] * k, [0] * k
-    tot = _Totals()
+    """Run ``rnd`` (a chain or tree round) on ``prompts`` and summarise its rounds (:class:`RoundProfiler`)."""
+    profiler = RoundProfiler(name, rnd, target_cost)
     for ids in prompts:
-        _, st = generate_tokens(target_stage, ids, round=rnd, max_new_tokens=max_new_tokens, stop=StopChecker(eos))
-        for i in range(min(k, len(st.budgeted_by_position))):
-            acc[i] += st.accepted_by_position[i]
-            dr[i] += st.drafted_by_position[i]
-            bud[i] += st.budgeted_by_position[i]
-        tot.add(st, len(ids))
-    if not tot.rounds or not tot.decode_s:
-        raise CascadeError(f"calibration of {name} generated nothing")
-    context = tot.context / tot.rounds
-    per_round_verify = tot.verify_s / tot.rounds
-    mean_verified = tot.drafted / tot.rounds + 1
-    # tree-masked forwards take another code path: their time per round is used as measured
-    scale = 1.0 if tree else per_round_verify / max(target_cost(mean_verified, context), 1e-9)
-    unit = tot.rounds if tree else max(tot.drafted, 1)
-    return RoundProfile(
-        name=name,
-        tree=tree,
-        k=k,
-        accept=Acceptance.from_counts(acc, bud),
-        drafts=Acceptance.from_counts(dr, bud),
-        token_cost=tot.draft_s / max(tot.drafted, 1),
-        draft_per_round=tot.draft_s / tot.rounds,
-        verify_per_round=per_round_verify,
-        overhead=tot.other_s / tot.rounds,
-        context_forwards=tot.context_forwards / unit,
-        context_tokens=tot.context_tokens / tot.context_forwards if tot.context_forwards else 1.0,
-        context=context,
-        new_tokens=tot.new_tokens / len(prompts),
-        measured_tokens_per_s=tot.new_tokens / tot.decode_s,
-        target_cost=target_cost.scaled(scale),
-    )
+        profiler.run(target_stage, ids, max_new_tokens=max_new_tokens, eos=eos)
+    return profiler.result()

@@ -76,6 +76,7 @@ class MaG(Stage):
         self.bigram = bigram
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.prompt_len: int | None = None
+        self._buf, self._n = np.zeros(0, dtype=np.int64), 0  # the sequence so far, as an array
 
     @property
     def vocab_size(self) -> int:
@@ -84,6 +85,23 @@ class MaG(Stage):
     def reset(self) -> None:
         super().reset()
         self.prompt_len = None
+        self._n = 0
+
+    def _array(self, ids) -> np.ndarray:
+        """``ids`` as an int64 array. Within a generation the sequence only grows, so the tokens
+        converted on an earlier call are kept and only the new ones are converted (a list of a
+        thousand ids costs ~40 us to convert, once a round). After :meth:`reset`, or when ``ids``
+        is shorter or differs in its first or last kept token, it is converted whole."""
+        n, m, buf = len(ids), self._n, self._buf
+        if not (0 < m <= n and int(ids[m - 1]) == buf[m - 1] and int(ids[0]) == buf[0]):
+            m = 0
+        if n > len(buf):
+            grown = np.empty(max(2 * len(buf), n, 256), dtype=np.int64)
+            grown[:m] = buf[:m]
+            self._buf = buf = grown
+        buf[m:n] = ids[m:n]
+        self._n = n
+        return buf[:n]
 
     def _match(self, arr: np.ndarray, end: int, k: int) -> list[int]:
         """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it.
@@ -112,7 +130,7 @@ class MaG(Stage):
         t0 = time.perf_counter()
         if self.prompt_len is None:
             self.prompt_len = len(ids)
-        arr = np.asarray(ids, dtype=np.int64)
+        arr = self._array(ids)
         out: list[int] = []
         while len(out) < k:
             seq = np.concatenate([arr, np.asarray(out, dtype=np.int64)]) if out else arr
