@@ -211,6 +211,8 @@ def test_bench_report(tmp_path, tiny_model_dir):
             assert by[c] == pytest.approx(toks / sum(p["decode_seconds"][name] for p in ps))
     assert rep["methods"]["hf"]["by_category_basis"] == "wall"  # no prefill timing of its own
     assert "categories at or above ar (tok/s by category): " in r.stderr
+    fwd = rep["config"]["target_forward_ms"]  # the target's measured t(n), and t(9) / t(1) beside the bound
+    assert rep["config"]["forward_9_over_1"] == pytest.approx(fwd["9"] / fwd["1"]) and "9 tokens" in r.stderr
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)
     assert bad.exit_code == 2 and "unknown method" in bad.stderr
     prompts.write_text("not json\n")

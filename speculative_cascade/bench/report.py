@@ -322,11 +322,8 @@ def print_terminal(report: BenchReport, console: Console) -> None:
             _fmt((m.sampling_check or {}).get("p_value"), ".2g"),
         )
     console.print(t)
-    if "bound_tokens_per_s" in cfg:
-        console.print(
-            f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
-            f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s"
-        )
+    for line in machine_lines(cfg):
+        console.print(line.rstrip())
     misses = [
         f"{n} {m.prediction_terms['largest']} {m.prediction_terms['miss'][m.prediction_terms['largest']]:+.0%}"
         for n, m in report.methods.items()
@@ -342,6 +339,23 @@ def print_terminal(report: BenchReport, console: Console) -> None:
         if m.stages and len(m.stages) >= 3:
             title = f"{name}: per stage (gamma g_{{i+1|i}}: stage i's proposals accepted by stage i+1)"
             console.print(rich_stage_table(title, stage_table(m.stages)))
+
+
+def machine_lines(cfg: dict) -> list[str]:
+    """The machine, the bandwidth bound on decoding and the target's 9-token forward against its one-token one."""
+    out = []
+    if "bound_tokens_per_s" in cfg:
+        out.append(
+            f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
+            f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s.  "
+        )
+    if "forward_9_over_1" in cfg:
+        ms = {int(n): t for n, t in cfg["target_forward_ms"].items()}  # JSON keys are strings
+        out.append(
+            f"The target's forward after {cfg['target_forward_context']} tokens (medians): 1 token {ms[1]:.1f} ms, "
+            f"9 tokens {ms[9]:.1f} ms ({cfg['forward_9_over_1']:.2f}x).  "
+        )
+    return out + [""] if out else out
 
 
 def categories_vs_ar(report: BenchReport) -> dict[str, tuple[int, int]]:
@@ -373,6 +387,7 @@ def markdown(report: BenchReport) -> str:
         f"{cfg['prompts']} prompts, {cfg['max_new_tokens']} new tokens, greedy, target `{cfg['target']}`, "
         f"{cfg['threads']} threads, torch {cfg['torch']}, {cfg['date']}.",
         "",
+        *machine_lines(cfg),
         "## Table 1: throughput, latency, speedup, acceptance, memory, quality",
         "",
     ]

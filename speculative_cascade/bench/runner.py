@@ -226,6 +226,7 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
             "chat_template": settings.chat,
             "prompts": len(rows),
             "repeats": settings.repeats,
+            **_forward_costs(ctx.target_cost),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
@@ -257,6 +258,17 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
             }
         )
     return report
+
+
+def _forward_costs(cost) -> dict:
+    """The target's measured forward over n tokens (medians, the short context) and t(9) / t(1)."""
+    if cost is None:
+        return {}
+    ms = {n: t * 1e3 for n, t in cost.points}
+    out = {"target_forward_ms": ms, "target_forward_context": cost.context}
+    if 1 in ms and 9 in ms and ms[1] > 0:
+        out["forward_9_over_1"] = ms[9] / ms[1]
+    return out
 
 
 def _machine(target) -> dict:

@@ -687,6 +687,28 @@ typedef struct {
     int *const *vis_new;
 } sc_batch;
 
+/* acc (hd) = sum over the chunk's keys i0..i1 of se[i - i0] * V row i, NA vectors of acc at a time
+ * held in registers (named by constant indices after unrolling: an array whose address is taken
+ * stays on the stack, a store and a reload on every key). Each lane's multiply-adds run in key
+ * order, as in the scalar loop, whatever NA. */
+static inline __attribute__((always_inline)) void pv_chunk(const int NA, const float *vg, const int *vis_new, int Tn,
+                                                          int start, int tl, int i0, int i1, const float *se, int hd,
+                                                          float *acc) {
+    for (int d0 = 0; d0 < hd; d0 += NA * VW) {
+        vf a[8];
+        SC_UNROLL for (int c = 0; c < NA; c++) a[c] = vsplat(0.f);
+        for (int i = i0; i < i1; i++) {
+            const float *vrow = vg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd + d0;
+            vf p = vsplat(se[i - i0]);
+            SC_UNROLL for (int c = 0; c < NA; c++) a[c] = vfma(p, vload(vrow + c * VW), a[c]);
+        }
+        SC_UNROLL for (int c = 0; c < NA; c++) {
+            vf t = a[c];
+            memcpy(acc + d0 + c * VW, &t, sizeof t);
+        }
+    }
+}
+
 /* Attention of one layer for the T new tokens of a batch (inside a parallel region).
  *   qkv (T, (nh + 2 nkv) hd), q and k rows in interleaved RoPE order; rot (T, hd / 2, 2) (cos, sin)
  *   layer_off: the layer's offset in every cache; new tokens go to slots start + t of their sequence
@@ -769,18 +791,10 @@ static void attention(const float *qkv, const float *rot, const sc_batch *bt, si
                 pp[0] = mx;
                 pp[1] = sum;
                 float *acc = pp + 2;
-                if (hd % (4 * VW) == 0) { /* 4 vectors of acc held in registers over the chunk's keys; the same
-                                           * multiply-adds in the same order as the loop below */
-                    for (int d0 = 0; d0 < hd; d0 += 4 * VW) {
-                        vf a[4];
-                        SC_UNROLL for (int c4 = 0; c4 < 4; c4++) a[c4] = vsplat(0.f);
-                        for (int i = i0; i < i1; i++) {
-                            const float *vrow = vg + (size_t)vis_slot(vis_new, Tn, start, tl, i) * hd + d0;
-                            vf p = vsplat(se[i - i0]);
-                            SC_UNROLL for (int c4 = 0; c4 < 4; c4++) a[c4] = vfma(p, vload(vrow + c4 * VW), a[c4]);
-                        }
-                        memcpy(acc + d0, a, sizeof a);
-                    }
+                if (hd % (4 * VW) == 0) { /* NA vectors of acc held in registers over the chunk's keys; the
+                                           * same multiply-adds in the same order as the loop below */
+                    if (hd % (8 * VW) == 0) pv_chunk(8, vg, vis_new, Tn, start, tl, i0, i1, se, hd, acc);
+                    else pv_chunk(4, vg, vis_new, Tn, start, tl, i0, i1, se, hd, acc);
                     continue;
                 }
                 for (int d = 0; d < hd; d++) acc[d] = 0.f;
