@@ -118,11 +118,11 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
         profiled = [n for n in order if runs[n].profiler is not None]
         cal = ctx.calibration_prompts if profiled else []
         task = progress.add_task("prompts", total=len(rows) * len(order) * settings.repeats + len(cal) * len(profiled))
-        turn, done = 0, 0
+        turn, done, eos = 0, 0, ctx.eos_ids()
         for i, r in enumerate(rows):
             tries: dict[str, list[Result]] = {name: [] for name in order}
             for _ in range(settings.repeats):
-                for name in order[turn % len(order):] + order[: turn % len(order)]:
+                for name in _rotated(order, turn):
                     tries[name].append(methods[name].run(r["ids"], settings.max_new_tokens))
                     progress.advance(task)
                 turn += 1
@@ -130,9 +130,8 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
                 runs[name].results.append(median_run(tries[name]))
                 runs[name].tries.append([(t.decode_seconds, t.seconds) for t in tries[name]])
             for ids in cal[done : (i + 1) * len(cal) // len(rows)]:  # this prompt's share of the profiling
-                for name in profiled[turn % len(profiled):] + profiled[: turn % len(profiled)]:
-                    runs[name].profiler.run(methods[name].target_stage, ids, max_new_tokens=CALIBRATION_TOKENS,
-                                            eos=ctx.eos_ids())
+                for name in _rotated(profiled, turn):
+                    runs[name].profiler.run(methods[name].target_stage, ids, max_new_tokens=CALIBRATION_TOKENS, eos=eos)
                     progress.advance(task)
                 done += 1
         for name in order:
@@ -158,6 +157,12 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     report = _build_report(settings, loaded.name, ctx, machine, rows, runs, ppl)
     print_terminal(report, console)
     return report
+
+
+def _rotated(names: list[str], turn: int) -> list[str]:
+    """``names`` starting from the ``turn``-th (who goes first rotates from turn to turn)."""
+    k = turn % len(names)
+    return names[k:] + names[:k]
 
 
 def median_run(tries: list[Result]) -> Result:
@@ -254,7 +259,7 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
                 "new_tokens": {n: len(r.results[i].token_ids) for n, r in runs.items()},
                 "seconds": {n: r.results[i].seconds for n, r in runs.items()},
                 "decode_seconds": {n: r.results[i].decode_seconds for n, r in runs.items()},
-                "runs": {n: [{"decode_s": d, "s": w} for d, w in r.tries[i]] for n, r in runs.items() if i < len(r.tries)},
+                "runs": {n: [{"decode_s": d, "s": w} for d, w in r.tries[i]] for n, r in runs.items()},
             }
         )
     return report
