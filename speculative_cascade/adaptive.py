@@ -10,6 +10,10 @@ The choice maximises the expected rate of one round (the cost model's closed for
   position falls slowly, 0.98, 0.96, 0.95, ... for the INT8 draft, so a position not yet tried
   is expected to do about as well as the one before it; with an uninformed 1/2 there, a
   controller that started with short drafts would never learn that longer ones pay);
+  A lookup drafter that says where each proposed token comes from (MaG's ``kinds``: how far back
+  the match it copies reaches) is judged token by token instead: each token's acceptance is
+  the one seen for its reach class (``reach_class``), since a copy that matches the last 12
+  tokens is accepted far more often than one that matches the last 3, within one answer;
 * ``D(k)`` is the drafting time (``k`` times the drafter's measured cost per token; a drafter
   that is a lookup, such as MaG, proposes first at almost no cost, and ``k`` is then chosen
   among the tokens it proposed);
@@ -51,6 +55,13 @@ PRIOR_WEIGHT = 16.0  # most pseudo-counts a cached acceptance carries into a new
 EMA = 0.2  # weight of a new timing of the drafter in its running mean
 TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
 PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
+REACH_KEY = "#reach"  # a drafter's acceptance by reach class, in the calibration cache: its name + this
+
+
+def reach_class(reach: int) -> int:
+    """The acceptance class of a proposed token whose match reaches ``reach`` tokens back (0: no
+    match): 0-4 each their own, then 5-7, 8-15 and 16 or more."""
+    return reach if reach <= 4 else 5 if reach < 8 else 8 if reach < 16 else 16
 
 
 def prior_ratio(n: int) -> float:
@@ -139,6 +150,12 @@ class Calibration:
         return prior_ratio(n)
 
 
+def _damped(a: float, t: float) -> list[float]:
+    """A cached (accepted, tried) count carried into a new generation with at most PRIOR_WEIGHT tries."""
+    w = min(1.0, PRIOR_WEIGHT / t) if t > 0 else 0.0
+    return [a * w, t * w]
+
+
 class AdaptiveRound(ChainRound):
     """A chain round whose draft length is chosen before each verification (see the module docstring).
 
@@ -163,8 +180,10 @@ class AdaptiveRound(ChainRound):
         prior = cal.acceptance.get(self.name, []) if cal else []
         self.acc = [[0.0, 0.0] for _ in range(self.k)]  # position -> [accepted, tried]
         for i, (a, t) in enumerate(prior[: self.k]):
-            w = min(1.0, PRIOR_WEIGHT / t) if t > 0 else 0.0
-            self.acc[i] = [a * w, t * w]
+            self.acc[i] = _damped(a, t)
+        by_reach = cal.acceptance.get(self.name + REACH_KEY, []) if cal else []
+        self.by_reach = {c: _damped(a, t) for c, (a, t) in enumerate(by_reach) if t > 0}  # class -> [accepted, tried]
+        self.kinds: list[int] | None = None  # the reach classes of the proposal being judged, if its drafter says
         self.idle = 0  # rounds since the last one that drafted
 
     # -- the round interface ------------------------------------------------------------------
@@ -188,6 +207,9 @@ class AdaptiveRound(ChainRound):
         rows.extend([0.0, 0.0] for _ in range(len(self.acc) - len(rows)))
         for i, (a, t) in enumerate(self.acc):
             rows[i] = [a, t]
+        if self.by_reach:
+            top = max(self.by_reach) + 1
+            cal.acceptance[self.name + REACH_KEY] = [list(self.by_reach.get(c, [0.0, 0.0])) for c in range(top)]
         if self.draft_token_s is not None:
             cal.draft_token_s[self.name] = self.draft_token_s
         cal.save()
@@ -209,8 +231,14 @@ class AdaptiveRound(ChainRound):
 
     def acceptances(self, k: int) -> list[float]:
         """Posterior means of positions ``0..k-1``'s acceptance, each given the positions before it
-        were accepted; position ``i``'s prior mean is position ``i - 1``'s estimate."""
+        were accepted; position ``i``'s prior mean is position ``i - 1``'s estimate. For a proposal
+        whose tokens' reach classes are known: each class's posterior mean."""
         weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
+        if self.kinds is not None:
+            mean = PRIOR_ACCEPT[0] / weight
+            return [
+                (a + weight * mean) / (t + weight) for a, t in (self.by_reach.get(c, (0.0, 0.0)) for c in self.kinds[:k])
+            ]
         out, prior = [], PRIOR_ACCEPT[0] / weight
         for a, t in self.acc[:k]:
             prior = (a + weight * prior) / (t + weight)
@@ -247,6 +275,8 @@ class AdaptiveRound(ChainRound):
         t1 = time.perf_counter()
         if self.lookup:  # propose, then choose among the proposal
             draft, q = draft_tokens(self.source, ids, most, params, generator)
+            kinds = getattr(self.source, "kinds", None)
+            self.kinds = [reach_class(r) for r in kinds] if kinds is not None and len(kinds) == len(draft) else None
             k = self.choose(len(draft))
             draft, q = draft[:k], (q[:k] if q is not None else None)
         else:  # choose, then draft that many
@@ -268,4 +298,9 @@ class AdaptiveRound(ChainRound):
         for i in range(min(k, accepted + 1)):  # positions tried: up to the first rejection
             self.acc[i][1] += 1
             self.acc[i][0] += i < accepted
+            if self.kinds is not None:
+                row = self.by_reach.setdefault(self.kinds[i], [0.0, 0.0])
+                row[1] += 1
+                row[0] += i < accepted
+        self.kinds = None
         self.idle = 0 if k else self.idle + 1

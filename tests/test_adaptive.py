@@ -108,6 +108,34 @@ def test_untried_positions_expect_what_the_one_before_did():
     assert rnd.choose(rnd.k) == 2
 
 
+def test_a_lookup_proposal_is_judged_by_how_far_its_matches_reach():
+    """MaG says how far back each proposed token's match reaches; the round judges each token by the
+    acceptance seen for its reach class, learns it per class, and caches it."""
+    rnd = _with(adaptive("mag"), 0.25, 0.5)
+    rnd.by_reach = {16: [95.0, 100.0], 3: [10.0, 100.0]}
+    rnd.kinds = [16, 16, 3, 3, 16]
+    assert rnd.choose(5) == 2  # the long matches pay, the 3-token one after them does not
+    rnd.kinds = [3, 16, 16, 16, 16]
+    assert rnd.choose(5) == 0  # a poor first token stops the round before the good ones
+    rnd.kinds = None
+    assert rnd.choose(5) > 0  # without kinds: by position (acceptance 0.5 everywhere)
+    rnd.kinds = [16, 3]
+    rnd._learn(2, 1, 1e-3)  # the first accepted, the second rejected
+    assert rnd.by_reach == {16: [96.0, 101.0], 3: [10.0, 101.0]} and rnd.kinds is None
+
+
+def test_mag_rounds_learn_by_reach_and_cache_it(tmp_path):
+    cal = Calibration.load(tmp_path, "k")
+    rnd = adaptive("mag", calibration=cal)
+    out, _ = decode(TARGET, PROMPTS[0], round=rnd, max_new_tokens=32, stop=StopChecker(()), max_len=128)
+    assert out == ar(PROMPTS[0])
+    assert rnd.by_reach and all(0 <= a <= t for a, t in rnd.by_reach.values())
+    again = Calibration.load(tmp_path, "k")
+    rows = again.acceptance["mag#reach"]
+    assert {c: r for c, r in enumerate(rows) if r[1] > 0} == {c: list(v) for c, v in rnd.by_reach.items()}
+    assert adaptive("mag", calibration=again).by_reach  # a later generation starts from it
+
+
 def test_it_keeps_learning_after_long_plain_stretches():
     rnd = _with(adaptive("mag"), 0.05, 0.02)
     rnd.idle = PROBE_EVERY

@@ -13,7 +13,7 @@ from conftest import tiny_native
 from speculative_cascade.cli import app
 from speculative_cascade.config import CascadeConfig
 from speculative_cascade.errors import CascadeError
-from speculative_cascade.stages.mag import BigramTable, MaG
+from speculative_cascade.stages.mag import REACH, BigramTable, MaG
 from speculative_cascade.stages.tiny import TinyProjection
 
 runner = CliRunner()
@@ -181,6 +181,7 @@ def test_mag_prefers_the_prompt_then_generated_text_then_bigrams(tmp_path):
     prompt = [1, 2, 3, 4, 5, 1, 2]
     toks, q = mag.propose(prompt, 3)
     assert q is None and toks[:3] == [3, 4, 5]  # suffix [1, 2] found in the prompt
+    assert mag.kinds == [2, 3, 4]  # its match reaches 2 back; each copied token's one further
     toks, _ = MaG(20, table).propose([7], 3)  # nothing to match: bigrams
     assert toks == [8, 7, 8]
     assert MaG(20, None).propose([7], 3)[0] == []
@@ -189,17 +190,19 @@ def test_mag_prefers_the_prompt_then_generated_text_then_bigrams(tmp_path):
         BigramTable.load(tmp_path / "bad.npz")
 
 
-def _reference_match(arr: list[int], end: int, k: int, max_ngram: int, min_ngram: int) -> list[int]:
+def _reference_match(arr: list[int], end: int, k: int, max_ngram: int, min_ngram: int) -> tuple[list[int], int]:
     """MaG's lookup written plainly: the longest suffix (max_ngram..min_ngram) seen before, the latest
-    occurrence starting in the prompt (ending before ``end``), else the latest one."""
+    occurrence starting in the prompt (ending before ``end``), else the latest one; and how many
+    tokens before the continuation equal the sequence's last ones (at most REACH)."""
     n = len(arr)
     for L in range(min(max_ngram, n - 1), min_ngram - 1, -1):
         starts = [s for s in range(n - L) if arr[s : s + L] == arr[n - L :]]
         if starts:
             in_prompt = [s for s in starts if s + L <= end]
             s = (in_prompt or starts)[-1] + L
-            return arr[s : s + k]
-    return []
+            reach = max(r for r in range(min(s, REACH) + 1) if arr[s - r : s] == arr[n - r :])
+            return arr[s : s + k], reach
+    return [], 0
 
 
 @settings(max_examples=300, deadline=None)

@@ -18,6 +18,9 @@ from ..errors import CascadeError
 from .base import Stage
 
 
+REACH = 16  # longest match a proposal's source reports (``MaG.kinds``)
+
+
 class BigramTable:
     """``next[t]``: the most frequent token after token ``t`` (-1 where ``t`` was never seen)."""
 
@@ -76,6 +79,7 @@ class MaG(Stage):
         self.bigram = bigram
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.prompt_len: int | None = None
+        self.kinds: list[int] = []  # the last proposal's sources: per token, how far back its match reaches (0: bigram)
         self._buf, self._n = np.zeros(0, dtype=np.int64), 0  # the sequence so far, as an array
 
     @property
@@ -103,8 +107,10 @@ class MaG(Stage):
         self._n = n
         return buf[:n]
 
-    def _match(self, arr: np.ndarray, end: int, k: int) -> list[int]:
-        """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it.
+    def _match(self, arr: np.ndarray, end: int, k: int) -> tuple[list[int], int]:
+        """Continuation (up to k tokens) of the longest suffix of ``arr`` found earlier in it, and
+        how far back the chosen occurrence matches (its reach: at least the suffix's length, at
+        most ``REACH``; 0 when nothing matched).
 
         Occurrences that start in the prompt win over those in the generated text; within
         a region the latest one wins. One pass over ``arr`` finds where its last token recurs
@@ -123,8 +129,11 @@ class MaG(Stage):
                 continue
             in_prompt = hits[hits + 1 <= end]
             start = (in_prompt[-1] if len(in_prompt) else hits[-1]) + 1
-            return arr[start : start + k].tolist()
-        return []
+            reach = L
+            while reach < REACH and reach < start and arr[start - 1 - reach] == arr[n - 1 - reach]:
+                reach += 1
+            return arr[start : start + k].tolist(), reach
+        return [], 0
 
     def propose(self, ids, k, params=None, generator=None):
         t0 = time.perf_counter()
@@ -132,15 +141,19 @@ class MaG(Stage):
             self.prompt_len = len(ids)
         arr = self._array(ids)
         out: list[int] = []
+        kinds: list[int] = []
         while len(out) < k:
             seq = np.concatenate([arr, np.asarray(out, dtype=np.int64)]) if out else arr
-            cont = self._match(seq, self.prompt_len, k - len(out))
+            cont, reach = self._match(seq, self.prompt_len, k - len(out))
             if not cont and self.bigram is not None:
                 nxt = int(self.bigram.next[seq[-1]])
                 cont = [nxt] if nxt >= 0 else []
             if not cont:
                 break
             out.extend(cont)
+            # a copied token's match reaches one further than the token before it (once that is accepted)
+            kinds.extend(min(reach + i, REACH) if reach else 0 for i in range(len(cont)))
+        self.kinds = kinds
         self.count_call(0, time.perf_counter() - t0)
         self.count_proposed(len(out))
         return out, None

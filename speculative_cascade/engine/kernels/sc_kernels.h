@@ -93,6 +93,9 @@ typedef struct {
 #endif
 #define RB_OF(F, R) ((F) <= SC_BF16 ? RB_DENSE(R) : (F) == SC_I8 ? RB_I8(R) : (F) == SC_Q4 ? RB_Q4(R) : RB_FOR(R))
 #define Q4_ROWS 8
+#ifndef RMAX_Q4
+#define RMAX_Q4 RMAX /* rows of x per pass of the 4-bit tile (at most RMAX) */
+#endif
 #ifndef Q4_DEQUANT_ONCE /* more 4-bit products' rows than one pass holds: each block of weight rows dequantized */
 #define Q4_DEQUANT_ONCE 1 /* once into fp32 for every pass (1), or the 4-bit tile run pass by pass (0) */
 #endif
@@ -585,7 +588,8 @@ static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy
         par_matmul_q8(W, x, M, y, ldy);
         return;
     }
-    int passes = (M + RMAX - 1) / RMAX, R0 = (M + passes - 1) / passes, RB = RB_OF(W->fmt, R0);
+    const int rmax = W->fmt == SC_Q4 ? RMAX_Q4 : RMAX;
+    int passes = (M + rmax - 1) / rmax, R0 = (M + passes - 1) / passes, RB = RB_OF(W->fmt, R0);
     int nb = (W->n + RB - 1) / RB, ldx = W->k;
     if (W->fmt == SC_Q4 && passes > 1 && Q4_DEQUANT_ONCE) {
         /* more rows than one pass holds: each block of 4-bit rows is dequantized once (not once per
