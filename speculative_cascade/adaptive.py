@@ -19,7 +19,9 @@ The choice maximises the expected rate of one round (the cost model's closed for
   among the tokens it proposed);
 * ``T(n)`` is the target's forward over ``n`` tokens, measured in the loop; where ``n`` has not
   been measured yet, the measured one-token time times a ratio ``T(n) / T(1)`` from the
-  calibration cache of this machine, else the prior below.
+  calibration cache of this machine (else the prior below), whose excess over 1 is scaled by
+  what this generation's forwards over other numbers of tokens measured against it (an extra
+  token costs more at a long context: ``excess_scale``).
 
 Losslessness: ``k`` is chosen from tokens already emitted and from timings, never from the
 target's scores of the tokens it is about to verify, and verification itself is unchanged. A
@@ -55,6 +57,7 @@ PRIOR_WEIGHT = 16.0  # most pseudo-counts a cached acceptance carries into a new
 EMA = 0.2  # weight of a new timing of the drafter in its running mean
 TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
 PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
+SCALE_RANGE = (0.2, 10.0)  # bounds of excess_scale (one odd timing moves it little further)
 REACH_KEY = "#reach"  # a drafter's acceptance by reach class, in the calibration cache: its name + this
 
 
@@ -220,14 +223,37 @@ class AdaptiveRound(ChainRound):
         times = self.times.get(n)
         return statistics.median(times) if times is not None and len(times) >= least else None
 
+    def _ratio(self, n: int) -> float:
+        return self.calibration.ratio(n) if self.calibration else prior_ratio(n)
+
+    def excess_scale(self) -> float:
+        """How much more (or less) the target's extra tokens cost in this generation than the cached
+        ratios say: the mean over this generation's forwards over ``m > 1`` tokens of
+        ``(T(m) / T(1) - 1) / (ratio(m) - 1)``, weighted by their count; 1 until one is measured.
+        An extra token's cost grows with the context (its attention reads every cached key: at
+        660 tokens of context a 2-token forward of the 4-bit target took 1.4-1.85x a one-token
+        one where the cache, measured at ~60, said ~1.2x)."""
+        t1 = self.measured(1, least=1)
+        if t1 is None:
+            return 1.0
+        num = den = 0.0
+        for m, times in self.times.items():
+            r = self._ratio(m) - 1.0
+            if m > 1 and times and r > 1e-3:
+                num += len(times) * (statistics.median(times) / t1 - 1.0) / r
+                den += len(times)
+        return min(max(num / den, SCALE_RANGE[0]), SCALE_RANGE[1]) if den else 1.0
+
     def target_cost(self, n: int) -> float:
+        """``T(n)``: measured in this generation (the median of its last forwards over ``n``), else
+        ``T(1)`` times the cached ratio's excess over 1 scaled by :meth:`excess_scale`."""
         tn = self.measured(n)
         if tn is not None:
             return tn
         t1 = self.measured(1, least=1) or self.t1_prior
         if t1 is None:  # nothing measured yet: in units of T(1)
             t1 = 1.0
-        return t1 * (self.calibration.ratio(n) if self.calibration else prior_ratio(n))
+        return t1 * (1.0 + self.excess_scale() * (self._ratio(n) - 1.0)) if n > 1 else t1
 
     def acceptances(self, k: int) -> list[float]:
         """Posterior means of positions ``0..k-1``'s acceptance, each given the positions before it

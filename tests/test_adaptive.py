@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import decode, tiny_native
-from speculative_cascade.adaptive import PROBE_EVERY, AdaptiveRound, Calibration
+from speculative_cascade.adaptive import PROBE_EVERY, SCALE_RANGE, AdaptiveRound, Calibration
 from speculative_cascade.builder import build_round, default_cascade
 from speculative_cascade.cascade import build_csd
 from speculative_cascade.config import CascadeConfig
@@ -134,6 +134,22 @@ def test_mag_rounds_learn_by_reach_and_cache_it(tmp_path):
     rows = again.acceptance["mag#reach"]
     assert {c: r for c, r in enumerate(rows) if r[1] > 0} == {c: list(v) for c, v in rnd.by_reach.items()}
     assert adaptive("mag", calibration=again).by_reach  # a later generation starts from it
+
+
+def test_extra_tokens_cost_what_this_generation_measured():
+    """The cache's T(n) / T(1) came from other contexts; once this generation has measured a forward
+    over several tokens, the cached excess over one token is scaled to match it."""
+    rnd = adaptive("mag", calibration=Calibration("test", ratios={2: 1.1, 5: 1.4}))
+    rnd.times[1] = deque([1e-3] * 3, maxlen=9)
+    assert rnd.target_cost(5) == pytest.approx(1.4e-3)  # nothing over several tokens measured yet
+    rnd.times[2] = deque([1.3e-3], maxlen=9)  # a 2-token forward costs 3x the cached excess
+    assert rnd.excess_scale() == pytest.approx(3.0)
+    assert rnd.target_cost(5) == pytest.approx(1e-3 * (1 + 3 * 0.4))
+    assert rnd.target_cost(2) == pytest.approx(1e-3 * 1.3)  # one timing: the scaled ratio gives it back
+    rnd.times[2] = deque([1.3e-3] * 3, maxlen=9)
+    assert rnd.target_cost(2) == pytest.approx(1.3e-3)  # three: measured
+    rnd.times[2] = deque([50e-3], maxlen=9)  # one wild timing moves it at most SCALE_RANGE[1]
+    assert rnd.excess_scale() == SCALE_RANGE[1]
 
 
 def test_it_keeps_learning_after_long_plain_stretches():
