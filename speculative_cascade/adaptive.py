@@ -58,6 +58,8 @@ EMA = 0.2  # weight of a new timing of the drafter in its running mean
 TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
 PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
 SCALE_RANGE = (0.2, 10.0)  # bounds of excess_scale (one odd timing moves it little further)
+REACH_PRIOR_WEIGHT = 4.0  # most pseudo-counts a cached reach class carries into a generation: few, since
+# a class's acceptance varies with the text (3-token matches: ~0.3 accepted in a math answer, ~0.6 overall)
 REACH_KEY = "#reach"  # a drafter's acceptance by reach class, in the calibration cache: its name + this
 
 
@@ -153,9 +155,9 @@ class Calibration:
         return prior_ratio(n)
 
 
-def _damped(a: float, t: float) -> list[float]:
-    """A cached (accepted, tried) count carried into a new generation with at most PRIOR_WEIGHT tries."""
-    w = min(1.0, PRIOR_WEIGHT / t) if t > 0 else 0.0
+def _damped(a: float, t: float, weight: float = PRIOR_WEIGHT) -> list[float]:
+    """A cached (accepted, tried) count carried into a new generation with at most ``weight`` tries."""
+    w = min(1.0, weight / t) if t > 0 else 0.0
     return [a * w, t * w]
 
 
@@ -165,6 +167,8 @@ class AdaptiveRound(ChainRound):
     ``k_max``: most tokens a round verifies; ``lookup``: the drafter costs a lookup (MaG), so it
     proposes ``k_max`` first and ``k`` is chosen among its proposal; otherwise ``k`` is chosen first
     and the drafter drafts exactly that many."""
+
+    reach_prior_weight = REACH_PRIOR_WEIGHT
 
     def __init__(
         self, drafter: Drafter, k_max: int, *, lookup: bool, name: str = "draft", calibration: Calibration | None = None
@@ -185,7 +189,7 @@ class AdaptiveRound(ChainRound):
         for i, (a, t) in enumerate(prior[: self.k]):
             self.acc[i] = _damped(a, t)
         by_reach = cal.acceptance.get(self.name + REACH_KEY, []) if cal else []
-        self.by_reach = {c: _damped(a, t) for c, (a, t) in enumerate(by_reach) if t > 0}  # class -> [accepted, tried]
+        self.by_reach = {c: _damped(a, t, self.reach_prior_weight) for c, (a, t) in enumerate(by_reach) if t > 0}  # class -> [accepted, tried]
         self.kinds: list[int] | None = None  # the reach classes of the proposal being judged, if its drafter says
         self.idle = 0  # rounds since the last one that drafted
 
