@@ -189,7 +189,8 @@ class AdaptiveRound(ChainRound):
         for i, (a, t) in enumerate(prior[: self.k]):
             self.acc[i] = _damped(a, t)
         by_reach = cal.acceptance.get(self.name + REACH_KEY, []) if cal else []
-        self.by_reach = {c: _damped(a, t, self.reach_prior_weight) for c, (a, t) in enumerate(by_reach) if t > 0}  # class -> [accepted, tried]
+        # reach class -> [accepted, tried]
+        self.by_reach = {c: _damped(a, t, self.reach_prior_weight) for c, (a, t) in enumerate(by_reach) if t > 0}
         self.kinds: list[int] | None = None  # the reach classes of the proposal being judged, if its drafter says
         self.idle = 0  # rounds since the last one that drafted
 
@@ -266,9 +267,8 @@ class AdaptiveRound(ChainRound):
         weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
         if self.kinds is not None:
             mean = PRIOR_ACCEPT[0] / weight
-            return [
-                (a + weight * mean) / (t + weight) for a, t in (self.by_reach.get(c, (0.0, 0.0)) for c in self.kinds[:k])
-            ]
+            counts = (self.by_reach.get(c, (0.0, 0.0)) for c in self.kinds[:k])
+            return [(a + weight * mean) / (t + weight) for a, t in counts]
         out, prior = [], PRIOR_ACCEPT[0] / weight
         for a, t in self.acc[:k]:
             prior = (a + weight * prior) / (t + weight)
