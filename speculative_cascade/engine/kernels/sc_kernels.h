@@ -96,6 +96,9 @@ typedef struct {
 #ifndef RMAX_Q4
 #define RMAX_Q4 RMAX /* rows of x per pass of the 4-bit tile (at most RMAX) */
 #endif
+#if RMAX > 6 || RMAX_Q4 > RMAX /* block_rows and the Q8 tile instantiate passes of 1 to 6 rows */
+#error "RMAX: at most 6 rows of x a pass; RMAX_Q4: at most RMAX"
+#endif
 #ifndef Q4_DEQUANT_ONCE /* more 4-bit products' rows than one pass holds: each block of weight rows dequantized */
 #define Q4_DEQUANT_ONCE 1 /* once into fp32 for every pass (1), or the 4-bit tile run pass by pass (0) */
 #endif
