@@ -249,16 +249,19 @@ class AdaptiveRound(ChainRound):
                 den += len(times)
         return min(max(num / den, SCALE_RANGE[0]), SCALE_RANGE[1]) if den else 1.0
 
-    def target_cost(self, n: int) -> float:
+    def target_cost(self, n: int, scale: float | None = None) -> float:
         """``T(n)``: measured in this generation (the median of its last forwards over ``n``), else
-        ``T(1)`` times the cached ratio's excess over 1 scaled by :meth:`excess_scale`."""
+        ``T(1)`` times the cached ratio's excess over 1 scaled by :meth:`excess_scale` (``scale``:
+        its value, where the caller has it)."""
         tn = self.measured(n)
         if tn is not None:
             return tn
         t1 = self.measured(1, least=1) or self.t1_prior
         if t1 is None:  # nothing measured yet: in units of T(1)
             t1 = 1.0
-        return t1 * (1.0 + self.excess_scale() * (self._ratio(n) - 1.0)) if n > 1 else t1
+        if n <= 1:
+            return t1
+        return t1 * (1.0 + (self.excess_scale() if scale is None else scale) * (self._ratio(n) - 1.0))
 
     def acceptances(self, k: int) -> list[float]:
         """Posterior means of positions ``0..k-1``'s acceptance, each given the positions before it
@@ -279,18 +282,20 @@ class AdaptiveRound(ChainRound):
         """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""
         return self.acceptances(i + 1)[i]
 
-    def expected_rate(self, k: int) -> float:
-        """Expected tokens per second of a round verifying ``k`` drafted tokens."""
+    def expected_rate(self, k: int, scale: float | None = None) -> float:
+        """Expected tokens per second of a round verifying ``k`` drafted tokens (``scale``: as in
+        :meth:`target_cost`)."""
         tokens, survive = 1.0, 1.0
         for p in self.acceptances(k):
             survive *= p
             tokens += survive
         draft = 0.0 if self.lookup else k * (self.draft_token_s or 0.0)
-        return tokens / (draft + self.target_cost(k + 1))
+        return tokens / (draft + self.target_cost(k + 1, scale))
 
     def choose(self, most: int) -> int:
         """The ``k`` in ``0..most`` of the highest expected rate; one token now and then after long idling."""
-        best = max(range(most + 1), key=lambda k: (self.expected_rate(k), -k))
+        scale = self.excess_scale()  # one value for every k (it takes a median of each measured n)
+        best = max(range(most + 1), key=lambda k: (self.expected_rate(k, scale), -k))
         if best == 0 and most > 0 and self.idle >= PROBE_EVERY:
             best = 1
         return best
