@@ -150,6 +150,17 @@ def test_bench_table_columns(tmp_path, tiny_model_dir):
     assert max(len(ln) for ln in lines[head : head + 3]) <= 80
 
 
+def test_bench_report_of_ar_alone(tmp_path, tiny_model_dir):
+    """A run of plain decoding alone has nothing to plot against ar and no acceptance: its report
+    leaves those plots out (it raised in matplotlib's legend before)."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "category": "a", "turns": ["the quick fox"]}))
+    r = invoke("bench", "--prompts", prompts, "-n", 6, "--methods", "ar", "-t", tiny_model_dir, "--no-chat",
+               "--report", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == ["predicted.png"]
+
+
 def test_bench_report(tmp_path, tiny_model_dir):
     prompts = tmp_path / "q.jsonl"
     rows = [
@@ -211,6 +222,13 @@ def test_bench_report(tmp_path, tiny_model_dir):
             assert by[c] == pytest.approx(toks / sum(p["decode_seconds"][name] for p in ps))
     assert rep["methods"]["hf"]["by_category_basis"] == "wall"  # no prefill timing of its own
     assert "categories at or above ar (tok/s by category): " in r.stderr
+    cfg = rep["config"]  # the probe read at the start and after each prompt; the bound from their median
+    lo, hi = cfg["bandwidth_range_gb_s"]
+    assert cfg["bandwidth_samples"] == 3 and lo <= cfg["bandwidth_first_gb_s"] <= hi and lo <= cfg["bandwidth_gb_s"] <= hi
+    assert cfg["bound_tokens_per_s"] == pytest.approx(cfg["bandwidth_gb_s"] * 1e3 / cfg["decode_mb"])
+    assert cfg["ar_share_of_bound"] == pytest.approx(rep["methods"]["ar"]["decode_tokens_per_s"] / cfg["bound_tokens_per_s"])
+    said = " ".join(r.stderr.split())  # (the console wraps long lines)
+    assert "median of 3 readings through the run" in said and "`ar` decodes at" in said
     fwd = rep["config"]["target_forward_ms"]  # the target's measured t(n), and t(9) / t(1) beside the bound
     assert rep["config"]["forward_9_over_1"] == pytest.approx(fwd["9"] / fwd["1"]) and "9 tokens" in r.stderr
     bad = invoke("bench", "--prompts", prompts, "--methods", "warp-drive", "-t", tiny_model_dir)

@@ -345,10 +345,16 @@ def machine_lines(cfg: dict) -> list[str]:
     """The machine, the bandwidth bound on decoding and the target's 9-token forward against its one-token one."""
     out = []
     if "bound_tokens_per_s" in cfg:
-        out.append(
-            f"{cfg['cpu']}, kernels {cfg['kernel']}: {cfg['bandwidth_gb_s']:.1f} GB/s streaming read; the target "
-            f"reads {cfg['decode_mb']:.0f} MB a token, so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s.  "
+        read = f"{cfg['bandwidth_gb_s']:.1f} GB/s streaming read"
+        if cfg.get("bandwidth_samples", 1) > 1:
+            lo, hi = cfg["bandwidth_range_gb_s"]
+            read += f" (median of {cfg['bandwidth_samples']} readings through the run, {lo:.1f}-{hi:.1f})"
+        line = (
+            f"{cfg['cpu']}, kernels {cfg['kernel']}: {read}; the target reads {cfg['decode_mb']:.0f} MB a token, "
+            f"so decoding is bound by {cfg['bound_tokens_per_s']:.0f} tok/s"
         )
+        ar = (cfg.get("ar_decode_tokens_per_s") or 0) / cfg["bound_tokens_per_s"]
+        out.append(line + (f"; `ar` decodes at {ar:.0%} of it.  " if ar else ".  "))
     if "forward_9_over_1" in cfg:
         ms = {int(n): t for n, t in cfg["target_forward_ms"].items()}  # JSON keys are strings
         out.append(
@@ -547,9 +553,9 @@ def plots(report: BenchReport, folder: Path) -> list[Path]:
     ar = methods.get("ar")
     written = []
 
-    if ar:  # speedup over ar, by method and category
+    names = [n for n in methods if n != "ar"]
+    if ar and names:  # speedup over ar, by method and category
         cats = sorted(ar.by_category)
-        names = [n for n in methods if n != "ar"]
         fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cats) + 3), 4.5))
         width = 0.8 / max(1, len(names))
         colours = plt.get_cmap("tab20").colors
@@ -566,21 +572,22 @@ def plots(report: BenchReport, folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))  # acceptance by position
-    colours = plt.get_cmap("tab20").colors
-    for i, (n, m) in enumerate(methods.items()):
-        if m.acceptance_by_position:
-            acc = m.acceptance_by_position
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n, color=colours[i % len(colours)])
-    ax.set_xlabel("draft position")
-    ax.set_ylabel("accepted by the target")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Acceptance by draft position")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(folder / "acceptance.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    if any(m.acceptance_by_position for m in methods.values()):  # acceptance by position
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colours = plt.get_cmap("tab20").colors
+        for i, (n, m) in enumerate(methods.items()):
+            if m.acceptance_by_position:
+                acc = m.acceptance_by_position
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n, color=colours[i % len(colours)])
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("accepted by the target")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Acceptance by draft position")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(folder / "acceptance.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 5))  # predicted vs measured
     pts = [

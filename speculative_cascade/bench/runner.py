@@ -6,6 +6,7 @@ import ctypes
 import gc
 import math
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,7 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
         cal = ctx.calibration_prompts if profiled else []
         task = progress.add_task("prompts", total=len(rows) * len(order) * settings.repeats + len(cal) * len(profiled))
         turn, done, eos = 0, 0, ctx.eos_ids()
+        bandwidth = [machine["bandwidth_gb_s"]]
         for i, r in enumerate(rows):
             tries: dict[str, list[Result]] = {name: [] for name in order}
             for _ in range(settings.repeats):
@@ -126,6 +128,7 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
                     tries[name].append(methods[name].run(r["ids"], settings.max_new_tokens))
                     progress.advance(task)
                 turn += 1
+            bandwidth.append(_bandwidth())  # the probe again between prompts: a shared machine's varies
             for name in order:
                 runs[name].results.append(median_run(tries[name]))
                 runs[name].tries.append([(t.decode_seconds, t.seconds) for t in tries[name]])
@@ -154,6 +157,7 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
         for name in order:
             runs[name].peak_rss_mb = _peak_memory(name, ctx, longest, settings.max_new_tokens)
             progress.advance(task)
+    _bandwidth_over_run(machine, bandwidth)
     report = _build_report(settings, loaded.name, ctx, machine, rows, runs, ppl)
     print_terminal(report, console)
     return report
@@ -250,6 +254,10 @@ def _build_report(settings, target_name, ctx, machine, rows, runs: dict[str, Met
         m.sampling_check = run.sampling_check
         report.methods[name] = m
     add_speedups(report)
+    ar = report.methods.get("ar")
+    if ar is not None and ar.decode_tokens_per_s and machine.get("bound_tokens_per_s"):
+        report.config["ar_decode_tokens_per_s"] = ar.decode_tokens_per_s
+        report.config["ar_share_of_bound"] = ar.decode_tokens_per_s / machine["bound_tokens_per_s"]
     for i, row in enumerate(rows):
         report.prompts.append(
             {
@@ -280,19 +288,39 @@ def _machine(target) -> dict:
     """The CPU, the kernel variant, the streaming read bandwidth, and the bound it puts on decoding."""
     k = kernels.get()
     out = {"cpu": kernels.cpu_name(), "kernel": k.variant if k else "torch", "threads": torch.get_num_threads()}
-    if k is not None:
-        out["bandwidth_gb_s"] = k.stream_bandwidth() / 1e9
-    else:  # PyTorch's own reduction as the probe
-        buf = torch.ones(128 * 2**20)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            buf.sum()
-        out["bandwidth_gb_s"] = 3 * buf.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    out["bandwidth_gb_s"] = _bandwidth(megabytes=512, repeats=5)
     if isinstance(target, Transformer):
         out["weight_format"] = target.weight_format
         out["decode_mb"] = target.decode_bytes / 1e6
         out["bound_tokens_per_s"] = out["bandwidth_gb_s"] * 1e3 / out["decode_mb"]
     return out
+
+
+def _bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
+    """The streaming read bandwidth now, GB/s: the best of ``repeats`` reads of a buffer many times
+    the caches (the kernels' probe with their threads; PyTorch's own reduction without them)."""
+    k = kernels.get()
+    if k is not None:
+        return k.stream_bandwidth(megabytes, repeats) / 1e9
+    buf = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def _bandwidth_over_run(machine: dict, samples: list[float]) -> None:
+    """The bound the run's figures stand beside: the median of the probe's readings (at the start
+    and after each prompt), since on a shared machine the bandwidth there is to take moves during
+    a run; the first reading and the range are kept beside it."""
+    machine["bandwidth_first_gb_s"] = samples[0]
+    machine["bandwidth_range_gb_s"] = [min(samples), max(samples)]
+    machine["bandwidth_samples"] = len(samples)
+    machine["bandwidth_gb_s"] = statistics.median(samples)
+    if "decode_mb" in machine:
+        machine["bound_tokens_per_s"] = machine["bandwidth_gb_s"] * 1e3 / machine["decode_mb"]
 
 
 def _peak_memory(name: str, ctx: BenchContext, prompt_ids: list[int], max_new_tokens: int) -> float | None:

@@ -350,11 +350,12 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
             continue;
         }
         const int es = fmt == SC_F32 ? 4 : 2; /* dense: fp32 or a 16-bit float */
-        const char *ahead = (const char *)W->w + (size_t)(n0 + RB) * K * es;
+        const char *ahead = (const char *)W->w + ((size_t)(n0 + RB) * K + (size_t)g * G * RB) * es;
         for (int kk = 0; kk < G; kk += VW) {
             int k = g * G + kk;
-            if (kk % (64 / es) == 0) /* the next block's rows, a line each per 64 bytes of a row */
-                SC_UNROLL for (int j = 0; j < RB; j++) __builtin_prefetch(ahead + ((size_t)j * K + k) * es);
+            /* the next block of rows (contiguous) into L2, read front to back as this block's steps go: one
+             * sequential stream (a line per row per step ahead, into L1, was ~15% slower on fp32 products) */
+            SC_UNROLL for (int l = 0; l < RB * VW * es; l += 64) __builtin_prefetch(ahead + (size_t)kk * RB * es + l, 0, 2);
             vf xv[RMAX];
             SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
             SC_UNROLL for (int j = 0; j < RB; j++) {
