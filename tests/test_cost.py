@@ -147,6 +147,11 @@ def test_forward_cost_grows_with_the_context():
     assert math.isclose(t(1, 600), 0.010 + 500 * 1e-5) and math.isclose(t(9, 300), 0.020 + 200 * 5e-5)
     assert math.isclose(t(5, 200), 0.015 + 100 * 3e-5)  # the slope interpolates in n too
     assert math.isclose(t.scaled(2.0)(9, 300), 2 * t(9, 300))
+    # a slope measured on a busy machine (here: more than the whole cost per context token) does not
+    # take a shorter context's cost to zero: at most all of it shrinks, in proportion to the context
+    noisy = ForwardCost("x", ((1, 0.010),), context=100, slope=((1, 1e-3),))
+    assert math.isclose(noisy(1, 40), 0.010 * 40 / 100) and math.isclose(noisy(1, 200), 0.010 + 0.1)
+    assert math.isclose(t(1, 40), 0.010 - 60 * 1e-5)  # a sane slope moves it as before
 
 
 def test_generation_rate_charges_the_cut_last_round():
@@ -200,6 +205,10 @@ def test_profile_of_an_exact_drafter_and_its_closed_form():
     tc = exact.target_cost
     known = replace(exact, target_cost=ForwardCost(tc.name, tc.points, tc.context, ((1, 1e-6), (17, 2e-6))))
     assert known.predict(context=known.context + 200)["round_s"] > known.predict()["round_s"]
+    # an absurd slope (a busy machine's) and a shorter context: every term stays positive
+    absurd = replace(exact, target_cost=ForwardCost(tc.name, tc.points, tc.context, ((1, 1.0), (17, 1.0))))
+    short = absurd.predict(context=exact.context / 2)
+    assert short["draft_s"] > 0 and short["verify_s"] > 0 and short["tokens_per_s"] > 0
     assert exact.predict(k=2)["tokens_per_round"] == 3.0
     # a drafter the target never agrees with: one token a round, whatever k
     wrong = _profile(ChainRound(ModelStage(tiny_native(seed=7), 256, name="other"), 4), target, prompts)

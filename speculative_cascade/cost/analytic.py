@@ -38,6 +38,17 @@ def _interp(pts: tuple[tuple[int, float], ...], n: int) -> float:
     return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
 
 
+def at_context(t: float, slope: float, context: float, measured_at: float) -> float:
+    """A cost ``t`` measured after ``measured_at`` cached tokens, moved to ``context`` along
+    ``slope`` (seconds per context token). At a shorter context the part that shrinks is at most
+    all of ``t`` (the cost is at least ``t * context / measured_at``): a slope measured while the
+    machine was busy can exceed ``t / measured_at``, and a cost must not go to zero or below."""
+    moved = t + slope * (context - measured_at)
+    if context < measured_at and measured_at > 0:
+        moved = max(moved, t * max(context, 0.0) / measured_at)
+    return moved
+
+
 @dataclass(frozen=True)
 class ForwardCost:
     """``t(n, L)``: seconds for one forward over ``n`` new tokens after ``L`` cached ones.
@@ -62,7 +73,7 @@ class ForwardCost:
     def __call__(self, n: float, context: float | None = None) -> float:
         t = _interp(self.points, n)
         if context is not None and self.slope:
-            t += _interp(self.slope, n) * (context - self.context)
+            t = at_context(t, _interp(self.slope, n), context, self.context)
         return max(t, 0.0)
 
     def slope_at(self, n: float) -> float:

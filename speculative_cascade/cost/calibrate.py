@@ -17,7 +17,7 @@ from ..decoding import GenerationStats, StopChecker, generate_tokens
 from ..errors import CascadeError
 from ..stages.base import Reviewer
 from ..stages.neural import ModelStage
-from .analytic import Acceptance, ForwardCost, generation_rate
+from .analytic import Acceptance, ForwardCost, at_context, generation_rate
 
 
 def measure_forward_cost(
@@ -94,14 +94,13 @@ class RoundProfile:
         k = self.k if k is None or self.tree else k
         context = self.context if context is None else context
         new_tokens = self.new_tokens if new_tokens is None else new_tokens
-        grow = context - self.context
+        slope = self.target_cost.slope_at(self.context_tokens)
         if self.tree:
-            draft = self.draft_per_round + self.context_forwards * self.target_cost.slope_at(self.context_tokens) * grow
-            verify = self.verify_per_round + self.target_cost.slope_at(self.context_tokens) * grow
+            draft = at_context(self.draft_per_round, self.context_forwards * slope, context, self.context)
+            verify = at_context(self.verify_per_round, slope, context, self.context)
         else:
             m = self.drafted(k)
-            per_token = self.token_cost + self.context_forwards * self.target_cost.slope_at(self.context_tokens) * grow
-            draft = m * per_token
+            draft = m * at_context(self.token_cost, self.context_forwards * slope, context, self.context)
             verify = self.target_cost(m + 1, context)
         tokens = self.accept.expected_tokens(k)
         round_s = draft + verify + self.overhead
