@@ -93,7 +93,10 @@ typedef struct {
 static inline const char *pf_ahead(const void *block, size_t block_bytes) {
     return (const char *)block + block_bytes * ((PF_AHEAD + block_bytes - 1) / block_bytes);
 }
-#define PF_L2(p) __builtin_prefetch((p), 0, 2)
+/* The lines of n bytes from p into L2 (n: the bytes of the stream a step of the tile reads). */
+static inline __attribute__((always_inline)) void pf_l2(const char *p, int n) {
+    SC_UNROLL for (int l = 0; l < n; l += 64) __builtin_prefetch(p + l, 0, 2);
+}
 #ifndef RB_DENSE
 #define RB_DENSE(R) RB_FOR(R)
 #endif
@@ -241,7 +244,7 @@ static inline __attribute__((always_inline)) void i8_row(const int R, const int 
         }
     }
     for (int k = VW; k < K; k += VW) {
-        SC_UNROLL for (int l = 0; l < RB * VW; l += 64) PF_L2(ahead + (size_t)k * RB + l);
+        pf_l2(ahead + (size_t)k * RB, RB * VW);
         vf xv[RMAX];
         SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
         SC_UNROLL for (int j = 0; j < RB; j++) {
@@ -300,6 +303,8 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                                                       int n0) {
     const int K = W->k, G = W->group, ng = K / G;
     const int quant = fmt == SC_I8; /* (4-bit groups read their scales above) */
+    const int eb = fmt == SC_F32 ? 4 : fmt == SC_I8 ? 1 : 2; /* bytes a weight (int8 and dense formats) */
+    const char *ahead = pf_ahead((const char *)W->w + (size_t)n0 * K * eb, (size_t)RB * K * eb); /* (4-bit: unused) */
     vf acc[RMAX][RBMAX];
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
     /* int8 with one scale per row: no group loop, so the accumulators are not live across it */
@@ -353,20 +358,15 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
             m[j] = quant ? sm_at(W, at + 1) : 0.f;
         }
         if (fmt == SC_I8) { /* acc += d * (the group's q . x); the mins' term is added at the end */
-            { /* a block's slice per group (K / ng = G: no division in the loop) */
-                const char *nx = pf_ahead((const char *)W->w + (size_t)n0 * K, (size_t)RB * K) + (size_t)g * RB * G;
-                for (int l = 0; l < RB * G; l += 64) PF_L2(nx + l);
-            }
+            pf_l2(ahead + (size_t)g * RB * G, RB * G); /* a block's slice per group */
             if (G == 32) i8_group(32, R, RB, W, x, ldx, n0, g, d, acc);
             else if (G == 16) i8_group(16, R, RB, W, x, ldx, n0, g, d, acc);
             else i8_group(G, R, RB, W, x, ldx, n0, g, d, acc);
             continue;
         }
-        const int es = fmt == SC_F32 ? 4 : 2; /* dense: fp32 or a 16-bit float */
-        const char *ahead = pf_ahead((const char *)W->w + (size_t)n0 * K * es, (size_t)RB * K * es) + (size_t)g * G * RB * es;
-        for (int kk = 0; kk < G; kk += VW) {
+        for (int kk = 0; kk < G; kk += VW) { /* dense: fp32 or a 16-bit float */
             int k = g * G + kk;
-            SC_UNROLL for (int l = 0; l < RB * VW * es; l += 64) PF_L2(ahead + (size_t)kk * RB * es + l);
+            pf_l2(ahead + (size_t)k * RB * eb, RB * VW * eb);
             vf xv[RMAX];
             SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
             SC_UNROLL for (int j = 0; j < RB; j++) {
@@ -502,7 +502,7 @@ static inline __attribute__((always_inline)) void tile_q8(const int R, const int
     vf acc[RMAX][RBMAX];
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
     for (int k = 0; k < K; k += 4 * VW) {
-        SC_UNROLL for (int l = 0; l < RB * 4 * VW; l += 64) PF_L2(ahead + (size_t)k * RB + l);
+        pf_l2(ahead + (size_t)k * RB, RB * 4 * VW);
         vf s[RMAX];
         SC_UNROLL for (int r = 0; r < R; r++) s[r] = vload(xsl + ((size_t)r * K + k) / 4);
         SC_UNROLL for (int j = 0; j < RB; j++) SC_UNROLL for (int r = 0; r < R; r++) {
