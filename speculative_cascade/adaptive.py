@@ -168,8 +168,6 @@ class AdaptiveRound(ChainRound):
     proposes ``k_max`` first and ``k`` is chosen among its proposal; otherwise ``k`` is chosen first
     and the drafter drafts exactly that many."""
 
-    reach_prior_weight = REACH_PRIOR_WEIGHT
-
     def __init__(
         self, drafter: Drafter, k_max: int, *, lookup: bool, name: str = "draft", calibration: Calibration | None = None
     ) -> None:
@@ -190,7 +188,7 @@ class AdaptiveRound(ChainRound):
             self.acc[i] = _damped(a, t)
         by_reach = cal.acceptance.get(self.name + REACH_KEY, []) if cal else []
         # reach class -> [accepted, tried]
-        self.by_reach = {c: _damped(a, t, self.reach_prior_weight) for c, (a, t) in enumerate(by_reach) if t > 0}
+        self.by_reach = {c: _damped(a, t, REACH_PRIOR_WEIGHT) for c, (a, t) in enumerate(by_reach) if t > 0}
         self.kinds: list[int] | None = None  # the reach classes of the proposal being judged, if its drafter says
         self.idle = 0  # rounds since the last one that drafted
 
