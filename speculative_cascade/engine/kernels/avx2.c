@@ -23,6 +23,14 @@ static inline vf cvt_bf16(const unsigned short *p) {
 #include "x86_dot_i8.h"
 #define dot4_i8(w, xa, xq) ((vi)dot4_i8_256((w), (xa), (xq)))
 
+/* hsum's tree in registers: lanes i + 4, then i + 2, i + 1 (the generic one goes through memory). */
+#define SC_HSUM
+static inline float hsum(vf v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 /* hsum of eight vectors at once, with hsum's adds (lanes i + i+4, then i + i+2, then 0 + 1): the
  * 128-bit halves of pairs, then in-lane shuffles; lane order out of the last add: a0 a2 a4 a6 a1 a3 a5 a7. */
 #define SC_HSUM8

@@ -18,6 +18,17 @@ static inline vf cvt_bf16(const unsigned short *p) {
     return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+/* hsum's tree in registers: lanes i + 8, then i + 4, i + 2, i + 1 (measured on an AMD EPYC Zen 4,
+ * against the generic one through memory: the stored-format target's forwards over 1, 3 and 9
+ * tokens 10-15% faster, fp32 ones 4-10%; the same logits bit for bit). */
+#define SC_HSUM
+static inline float hsum(vf v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256((__m512)v), _mm512_extractf32x8_ps((__m512)v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 /* 16 nibbles as indices into the group's 16 dequantized values: vpermps reads the low 4 bits of
  * each index, so the low nibbles need no mask. */
 #define SC_LUT16

@@ -13,6 +13,7 @@
  *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
  *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
  *   RB_DENSE(R), RB_I8(R), RB_Q4(R) optional: the same for fp32/fp16/bf16, int8 and 4-bit weights (default RB_FOR)
+ *   SC_HSUM             optional: hsum(v), the lanes' sum in the generic tree's order, bit for bit
  *   SC_HSUM8            optional: hsum8(a, out) gives hsum of eight vectors at once, bit for bit
  *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
  *                       the group's 16 dequantized values (one permute instead of convert + FMA)
@@ -155,7 +156,10 @@ static inline vf vexp(vf x) {
     return p * (vf)e;
 }
 
-/* The lanes' sum as a tree (fixed order: lanes i and i + w/2 first), log2(VW) dependent adds. */
+/* The lanes' sum as a tree (fixed order: lanes i and i + w/2 first), log2(VW) dependent adds.
+ * SC_HSUM: the variant gives the same tree in registers (this one goes through memory, and a
+ * vector stored then read back in halves stalls store-to-load forwarding on x86-64). */
+#ifndef SC_HSUM
 static inline float hsum(vf v) {
     float a[VW];
     memcpy(a, &v, sizeof v);
@@ -163,6 +167,7 @@ static inline float hsum(vf v) {
         for (int i = 0; i < w; i++) a[i] += a[i + w];
     return a[0];
 }
+#endif
 
 /* VW weights of row n at input k, dequantized; d, m: the group's scale and min. */
 static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_mat *W, size_t n, int k, float d,
