@@ -768,7 +768,9 @@ static void attention(const float *qkv, const float *rot, const sc_batch *bt, si
         int tb = T - t0 < T_BLOCK ? T - t0 : T_BLOCK;
 #pragma omp for schedule(static)
         for (int job = 0; job < tb * nkv * max_chunks; job++) {
-            int c = job % max_chunks, g = (job / max_chunks) % nkv, t = t0 + job / (max_chunks * nkv);
+            /* token-minor: a thread's consecutive jobs read the same chunk of keys and values, from
+             * memory once and from cache for the block's other tokens */
+            int t = t0 + job % tb, c = (job / tb) % max_chunks, g = job / (tb * max_chunks);
             int i0 = c * KV_CHUNK, i1 = i0 + KV_CHUNK < n_vis[t] ? i0 + KV_CHUNK : n_vis[t];
             if (i0 >= i1) continue;
             int s = bt->seg[t], tl = t - bt->off[s], start = bt->starts[s], S_max = bt->S_maxs[s], Tn = bt->Ts[s];
