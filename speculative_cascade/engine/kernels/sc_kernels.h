@@ -694,9 +694,8 @@ static inline void dot8(const float *q, const float *const *k, int n, float *out
  * its visible new slots) in chunks of KV_CHUNK: a chunk's softmax partial (max, sum, weighted
  * values) is computed by one job for all the query heads that share a KV head (each key and
  * value is read once per group, and from memory once for a block of new tokens), and the partials
- * are merged in chunk order. The chunks are a
- * count of visible keys, not slots or threads, so a token's result is the same whatever the
- * number of new tokens, their tree or the thread count. */
+ * are merged in chunk order. The chunks are a count of visible keys, not slots or threads, so a
+ * token's result is the same whatever the number of new tokens, their tree or the thread count. */
 #define KV_CHUNK 64
 #define T_BLOCK 16 /* new tokens whose partials are held at once */
 
