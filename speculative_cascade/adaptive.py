@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,7 +55,14 @@ PRIOR_ACCEPT = (1.0, 1.0)  # Beta(a, b) prior of the first position's acceptance
 PRIOR_WEIGHT = 16.0  # most pseudo-counts a cached acceptance carries into a new generation
 EMA = 0.2  # weight of a new timing of the drafter in its running mean
 TIMINGS = 9  # the target's cost at n tokens: the median of its last this many forwards over n
-PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning)
+PROBE_EVERY = 16  # rounds without drafting after which one token is verified anyway (to keep learning);
+# the wait doubles after each probe that is rejected (up to PROBE_MOST) and is back to this after one
+# that is accepted: in an answer where the drafter has nothing, a probe costs an extra verified token
+# (~1/3 of a one-token forward of the 4-bit target) for nothing
+PROBE_MOST = 256
+TABLE_EVERY = 8  # rounds between refreshes of the table of T(n) the choice reads (and whenever the forwards
+# over some n become measured): the choice runs once a round beside a forward that has just evicted the
+# interpreter's data from the caches, where each step of it costs several times what it costs warm
 SCALE_RANGE = (0.2, 10.0)  # bounds of excess_scale (one odd timing moves it little further)
 REACH_PRIOR_WEIGHT = 4.0  # most pseudo-counts a cached reach class carries into a generation: few, since
 # a class's acceptance varies with the text (3-token matches: ~0.3 accepted in a math answer, ~0.6 overall)
@@ -191,6 +197,11 @@ class AdaptiveRound(ChainRound):
         self.by_reach = {c: _damped(a, t, REACH_PRIOR_WEIGHT) for c, (a, t) in enumerate(by_reach) if t > 0}
         self.kinds: list[int] | None = None  # the reach classes of the proposal being judged, if its drafter says
         self.idle = 0  # rounds since the last one that drafted
+        self.probe_after = PROBE_EVERY  # idle rounds before the next probe
+        self.probing = False  # this round's one token is a probe
+        self._costs: list[float] | None = None  # T(1..k + 1) as the choice reads them (``_cost_table``)
+        self._least = 0.0  # the least acceptance of a first token for which some k > 0 might pay
+        self._age = 0  # rounds since the table was made
 
     # -- the round interface ------------------------------------------------------------------
     def reset(self) -> None:
@@ -221,45 +232,58 @@ class AdaptiveRound(ChainRound):
         cal.save()
 
     # -- the choice ---------------------------------------------------------------------------
-    def measured(self, n: int, least: int = 3) -> float | None:
+    def _medians(self) -> dict[int, tuple[float, int]]:
+        """``n -> (median, count)`` of the target's last forwards over ``n`` tokens (one snapshot a
+        round: the choice reads each several times)."""
+        out = {}
+        for n, times in self.times.items():
+            if times:
+                s = sorted(times)
+                m = len(s)
+                out[n] = (s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2, m)
+        return out
+
+    def measured(self, n: int, least: int = 3, medians: dict | None = None) -> float | None:
         """The target's forward over ``n`` tokens: the median of the last ones, once there are ``least``."""
-        times = self.times.get(n)
-        return statistics.median(times) if times is not None and len(times) >= least else None
+        med = (medians if medians is not None else self._medians()).get(n)
+        return med[0] if med is not None and med[1] >= least else None
 
     def _ratio(self, n: int) -> float:
         return self.calibration.ratio(n) if self.calibration else prior_ratio(n)
 
-    def excess_scale(self) -> float:
+    def excess_scale(self, medians: dict | None = None) -> float:
         """How much more (or less) the target's extra tokens cost in this generation than the cached
         ratios say: the mean over this generation's forwards over ``m > 1`` tokens of
         ``(T(m) / T(1) - 1) / (ratio(m) - 1)``, weighted by their count; 1 until one is measured.
         An extra token's cost grows with the context (its attention reads every cached key: at
         660 tokens of context a 2-token forward of the 4-bit target took 1.4-1.85x a one-token
         one where the cache, measured at ~60, said ~1.2x)."""
-        t1 = self.measured(1, least=1)
+        med = medians if medians is not None else self._medians()
+        t1 = self.measured(1, least=1, medians=med)
         if t1 is None:
             return 1.0
         num = den = 0.0
-        for m, times in self.times.items():
-            r = self._ratio(m) - 1.0
-            if m > 1 and times and r > 1e-3:
-                num += len(times) * (statistics.median(times) / t1 - 1.0) / r
-                den += len(times)
+        for m, (tm, count) in med.items():
+            r = self._ratio(m) - 1.0 if m > 1 else 0.0
+            if r > 1e-3:
+                num += count * (tm / t1 - 1.0) / r
+                den += count
         return min(max(num / den, SCALE_RANGE[0]), SCALE_RANGE[1]) if den else 1.0
 
-    def target_cost(self, n: int, scale: float | None = None) -> float:
+    def target_cost(self, n: int, scale: float | None = None, medians: dict | None = None) -> float:
         """``T(n)``: measured in this generation (the median of its last forwards over ``n``), else
         ``T(1)`` times the cached ratio's excess over 1 scaled by :meth:`excess_scale` (``scale``:
         its value, where the caller has it)."""
-        tn = self.measured(n)
+        med = medians if medians is not None else self._medians()
+        tn = self.measured(n, medians=med)
         if tn is not None:
             return tn
-        t1 = self.measured(1, least=1) or self.t1_prior
+        t1 = self.measured(1, least=1, medians=med) or self.t1_prior
         if t1 is None:  # nothing measured yet: in units of T(1)
             t1 = 1.0
         if n <= 1:
             return t1
-        return t1 * (1.0 + (self.excess_scale() if scale is None else scale) * (self._ratio(n) - 1.0))
+        return t1 * (1.0 + (self.excess_scale(med) if scale is None else scale) * (self._ratio(n) - 1.0))
 
     def acceptances(self, k: int) -> list[float]:
         """Posterior means of positions ``0..k-1``'s acceptance, each given the positions before it
@@ -280,6 +304,33 @@ class AdaptiveRound(ChainRound):
         """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""
         return self.acceptances(i + 1)[i]
 
+    def _cost_table(self) -> list[float]:
+        """``T(1..k + 1)`` from one snapshot of the timings (kept for ``TABLE_EVERY`` rounds), and with
+        it the least first-token acceptance ``p`` for which a lookup's round of any ``k > 0`` can beat
+        plain decoding: a round's expected tokens are at most ``1 + k p`` (each later token survives
+        only if the first does), so below ``min_k (T(k + 1) / T(1) - 1) / k`` no ``k`` pays."""
+        if self._costs is None:
+            med = self._medians()
+            scale = self.excess_scale(med)
+            self._costs = costs = [self.target_cost(n, scale, med) for n in range(1, self.k + 2)]
+            self._least = min(((costs[k] / costs[0] - 1.0) / k for k in range(1, self.k + 1)), default=0.0)
+            self._age = 0
+        return self._costs
+
+    def _rates(self, most: int) -> list[float]:
+        """Expected tokens per second of rounds verifying ``0..most`` drafted tokens (one pass over the
+        acceptances for all of them)."""
+        costs = self._cost_table()
+        per_token = 0.0 if self.lookup else (self.draft_token_s or 0.0)
+        rates, tokens, survive = [], 1.0, 1.0
+        accs = self.acceptances(most)
+        for k in range(most + 1):
+            if k:
+                survive *= accs[k - 1]
+                tokens += survive
+            rates.append(tokens / (k * per_token + costs[k]))
+        return rates
+
     def expected_rate(self, k: int, scale: float | None = None) -> float:
         """Expected tokens per second of a round verifying ``k`` drafted tokens (``scale``: as in
         :meth:`target_cost`)."""
@@ -291,12 +342,25 @@ class AdaptiveRound(ChainRound):
         return tokens / (draft + self.target_cost(k + 1, scale))
 
     def choose(self, most: int) -> int:
-        """The ``k`` in ``0..most`` of the highest expected rate; one token now and then after long idling."""
-        scale = self.excess_scale()  # one value for every k (it takes a median of each measured n)
-        best = max(range(most + 1), key=lambda k: (self.expected_rate(k, scale), -k))
-        if best == 0 and most > 0 and self.idle >= PROBE_EVERY:
-            best = 1
-        return best
+        """The ``k`` in ``0..most`` of the highest expected rate (the smallest of equals); one token
+        now and then after long idling."""
+        rates = self._rates(most)
+        best = max(range(most + 1), key=lambda k: (rates[k], -k))
+        return self._probe(most) if best == 0 else best
+
+    def _probe(self, most: int) -> int:
+        """Plain decoding was chosen: 1 if this round verifies one token anyway (a probe), else 0."""
+        self.probing = most > 0 and self.idle >= self.probe_after
+        return 1 if self.probing else 0
+
+    def _first_cannot_pay(self, kind: int) -> bool:
+        """A lookup proposal whose first token comes from reach class ``kind``: whether its acceptance
+        is too low for any ``k > 0`` to beat plain decoding (the bound of :meth:`_cost_table`, so
+        the choice is the one :meth:`choose` makes, without reading the rest of the proposal)."""
+        self._cost_table()
+        a, t = self.by_reach.get(kind, (0.0, 0.0))
+        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
+        return (a + PRIOR_ACCEPT[0]) / (t + weight) <= self._least
 
     # -- one round ----------------------------------------------------------------------------
     def propose(self, ids, budget, params, generator) -> Proposal:
@@ -307,10 +371,20 @@ class AdaptiveRound(ChainRound):
         q = None
         t1 = time.perf_counter()
         if self.lookup:  # propose, then choose among the proposal
-            draft, q = draft_tokens(self.source, ids, most, params, generator)
-            kinds = getattr(self.source, "kinds", None)
-            self.kinds = [reach_class(r) for r in kinds] if kinds is not None and len(kinds) == len(draft) else None
-            k = self.choose(len(draft))
+            kinds, draft = None, [0]
+            if hasattr(self.source, "kinds"):  # its first token first: often it settles the round
+                draft, q = draft_tokens(self.source, ids, 1, params, generator)
+                kinds = self.source.kinds if len(self.source.kinds) == len(draft) else None
+            if not draft:  # nothing to verify
+                k = self._probe(0)
+            elif kinds and self._first_cannot_pay(reach_class(kinds[0])):
+                k = self._probe(most)
+                self.kinds = [reach_class(kinds[0])]
+            else:
+                draft, q = draft_tokens(self.source, ids, most, params, generator)
+                kinds = getattr(self.source, "kinds", None)
+                self.kinds = [reach_class(r) for r in kinds] if kinds is not None and len(kinds) == len(draft) else None
+                k = self.choose(len(draft))
             draft, q = draft[:k], (q[:k] if q is not None else None)
         else:  # choose, then draft that many
             k = self.choose(most)
@@ -327,7 +401,13 @@ class AdaptiveRound(ChainRound):
         super().settle(proposal, accepted, verify_s)
 
     def _learn(self, k: int, accepted: int, verify_s: float) -> None:
-        self.times.setdefault(k + 1, deque(maxlen=TIMINGS)).append(verify_s)
+        times = self.times.get(k + 1)
+        if times is None:
+            times = self.times[k + 1] = deque(maxlen=TIMINGS)
+        times.append(verify_s)
+        self._age += 1
+        if self._age >= TABLE_EVERY or len(times) <= 3:  # stale, or T(k + 1) was not measured before
+            self._costs = None
         for i in range(min(k, accepted + 1)):  # positions tried: up to the first rejection
             self.acc[i][1] += 1
             self.acc[i][0] += i < accepted
@@ -337,3 +417,6 @@ class AdaptiveRound(ChainRound):
                 row[0] += i < accepted
         self.kinds = None
         self.idle = 0 if k else self.idle + 1
+        if self.probing:
+            self.probe_after = PROBE_EVERY if accepted else min(2 * self.probe_after, PROBE_MOST)
+            self.probing = False

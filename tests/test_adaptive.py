@@ -5,11 +5,13 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import decode, tiny_native
 from speculative_cascade.adaptive import PROBE_EVERY, SCALE_RANGE, AdaptiveRound, Calibration
 from speculative_cascade.builder import build_round, default_cascade
-from speculative_cascade.cascade import build_csd
+from speculative_cascade.cascade import Proposal, build_csd
 from speculative_cascade.config import CascadeConfig
 from speculative_cascade.decoding import StopChecker
 from speculative_cascade.engine.quant import quantize_int8
@@ -157,6 +159,14 @@ def test_it_keeps_learning_after_long_plain_stretches():
     rnd.idle = PROBE_EVERY
     assert rnd.choose(6) == 1  # one token verified anyway, so acceptance is measured again
     assert rnd.choose(0) == 0
+    rnd.choose(6)
+    rnd.settle(Proposal([5], None, 6), 0, 1e-3)  # the probe was rejected: the next one waits twice as long
+    for _ in range(2 * PROBE_EVERY):
+        assert rnd.choose(6) == 0
+        rnd.settle(Proposal([], None, 6), 0, 1e-3)
+    assert rnd.choose(6) == 1
+    rnd.settle(Proposal([5], None, 6), 1, 1e-3)  # accepted: back to the first wait
+    assert rnd.probe_after == PROBE_EVERY
 
 
 def test_calibration_round_trip_and_key(tmp_path):
@@ -200,3 +210,19 @@ def test_stats_say_what_it_chose():
     assert sum(d["rounds_by_draft_length"]) == d["rounds"]
     assert d["rounds_without_drafting"] == pytest.approx(d["rounds_by_draft_length"][0] / d["rounds"])
     torch.testing.assert_close(torch.tensor(out), torch.tensor(ar(PROMPTS[0], 24)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0.0, 0.6), min_size=6, max_size=6), st.lists(st.integers(0, 16), min_size=1, max_size=6),
+       st.dictionaries(st.integers(0, 16), st.tuples(st.integers(0, 50), st.integers(0, 50)), max_size=8))
+def test_the_first_tokens_shortcut_never_changes_the_choice(extra, kinds, seen):
+    """A lookup round whose first token's class is too poor for any k to pay skips reading the rest
+    of the proposal: whenever it does, the full choice over the whole proposal is plain decoding too.
+    (T(n): each extra token costs ``extra[n]`` of a one-token forward more.)"""
+    rnd = adaptive("mag")
+    for n in range(1, rnd.k + 2):
+        rnd.times[n] = deque([1e-3 * (1 + sum(extra[: n - 1]))] * 3, maxlen=9)
+    rnd.by_reach = {c: [float(min(a, t)), float(t)] for c, (a, t) in seen.items()}
+    rnd.kinds = kinds
+    if rnd._first_cannot_pay(kinds[0]):
+        assert rnd.choose(len(kinds)) == 0

@@ -13,7 +13,7 @@ from conftest import tiny_native
 from speculative_cascade.cli import app
 from speculative_cascade.config import CascadeConfig
 from speculative_cascade.errors import CascadeError
-from speculative_cascade.stages.mag import REACH, BigramTable, MaG
+from speculative_cascade.stages.mag import REACH, BigramTable, MaG, SuffixIndex
 from speculative_cascade.stages.tiny import TinyProjection
 
 runner = CliRunner()
@@ -210,17 +210,21 @@ def _reference_match(arr: list[int], end: int, k: int, max_ngram: int, min_ngram
        st.integers(1, 5), st.integers(0, 4))
 def test_mag_lookup_matches_its_plain_definition(seq, end, k, max_ngram, extra):
     min_ngram = max(1, max_ngram - extra)
-    mag = MaG(4, max_ngram=max_ngram, min_ngram=min_ngram)
-    got = mag._match(np.asarray(seq, dtype=np.int64), end, k)
-    assert got == _reference_match(seq, end, k, max_ngram, min_ngram)
+    index = SuffixIndex(max_ngram, end, min_ngram)
+    index.extend(seq)
+    assert index.match(k) == _reference_match(seq, end, k, max_ngram, min_ngram)
+    index.extend([0, 1, 2])  # a draft appended for one lookup, then cut back
+    index.truncate(len(seq))
+    assert index.match(k) == _reference_match(seq, end, k, max_ngram, min_ngram)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.lists(st.integers(1, 4), min_size=1, max_size=8),
        st.integers(0, 2**16))
-def test_mag_keeps_its_array_across_a_generation(seq, steps, seed):
-    """One MaG over a growing sequence (then over other sequences, with and without a reset)
-    proposes what a fresh MaG given the whole sequence proposes at every step."""
+def test_mag_keeps_its_index_across_a_generation(seq, steps, seed):
+    """One MaG over a growing sequence (with drafted tokens looked up after the committed ones and
+    rolled back, then over other sequences, with and without a reset) proposes what a fresh MaG
+    given the whole sequence proposes at every step."""
     rng = np.random.default_rng(seed)
     kept = MaG(4, max_ngram=3, min_ngram=1)
     other = [(seq[0] + 1) % 4] + seq[1:]  # another sequence; the stage's contract: reset between generations
@@ -229,10 +233,18 @@ def test_mag_keeps_its_array_across_a_generation(seq, steps, seed):
             kept.reset()
         ids = list(prompt)
         for grow in steps:
-            fresh = MaG(4, max_ngram=3, min_ngram=1)
-            fresh.prompt_len = kept.prompt_len = len(prompt)
-            assert kept.propose(ids, 4)[0] == fresh.propose(ids, 4)[0]
+            for look in (ids + rng.integers(0, 4, grow).tolist(), ids):  # a draft's tokens, then rolled back
+                fresh = MaG(4, max_ngram=3, min_ngram=1)
+                fresh.prompt_len = kept.prompt_len = len(prompt)
+                assert kept.propose(look, 4)[0] == fresh.propose(look, 4)[0]
+                assert kept.kinds == fresh.kinds
             ids = ids + rng.integers(0, 4, grow).tolist()
+        inplace, same = MaG(4, max_ngram=3, min_ngram=1), list(prompt)  # a decoding loop's list, grown in place
+        for grow in steps:
+            fresh = MaG(4, max_ngram=3, min_ngram=1)
+            fresh.prompt_len = len(prompt)
+            assert inplace.propose(same, 4) == fresh.propose(list(same), 4) and inplace.kinds == fresh.kinds
+            same.extend(rng.integers(0, 4, grow).tolist())
 
 
 def test_distill_cli_trains_a_tiny_model(tiny_model_dir, tmp_path):
