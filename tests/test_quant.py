@@ -102,6 +102,29 @@ def test_embedding_lookup_of_a_few_rows_is_the_dequantization():
         assert p.rows(torch.arange(64)).shape == (64, 96) and p.rows(torch.arange(65) % 64).shape == (65, 96)
 
 
+def test_embedding_keeps_the_rows_it_dequantized():
+    """Decoding's one-row lookups come from the rows kept, equal to the table's, each a fresh copy
+    (the kernels add the layers' outputs to it in place); a new table forgets them."""
+    from speculative_cascade.engine.formats import PackedWeight
+    from speculative_cascade.engine.quant import quantize_weight_q4
+    from speculative_cascade.engine.transformer import Embedding
+
+    torch.manual_seed(0)
+    emb = Embedding(64, 96)
+    packed, sm = quantize_weight_q4(torch.randn(64, 96))
+    emb.use(PackedWeight.q4(packed, sm))
+    want = emb.packed.dequantize(torch.tensor([5]))
+    for shape in ((1,), (1, 1), (1,), ()):
+        got = emb(torch.tensor(5).reshape(shape))
+        assert got.shape == (*shape, 96) and torch.equal(got.reshape(1, 96), want)
+        got += 1.0  # what the kernels do to their input
+    assert 5 in emb._memo
+    packed2, sm2 = quantize_weight_q4(torch.randn(64, 96))
+    emb.use(PackedWeight.q4(packed2, sm2))
+    assert torch.equal(emb(torch.tensor([5])), emb.packed.dequantize(torch.tensor([5])))
+    assert torch.equal(emb(torch.tensor([[3, 5]])), emb.packed.dequantize(torch.tensor([3, 5]))[None])
+
+
 def test_argmax_ids_is_torchs_argmax():
     from speculative_cascade.sampling import argmax_ids
 
