@@ -331,15 +331,9 @@ class AdaptiveRound(ChainRound):
             rates.append(tokens / (k * per_token + costs[k]))
         return rates
 
-    def expected_rate(self, k: int, scale: float | None = None) -> float:
-        """Expected tokens per second of a round verifying ``k`` drafted tokens (``scale``: as in
-        :meth:`target_cost`)."""
-        tokens, survive = 1.0, 1.0
-        for p in self.acceptances(k):
-            survive *= p
-            tokens += survive
-        draft = 0.0 if self.lookup else k * (self.draft_token_s or 0.0)
-        return tokens / (draft + self.target_cost(k + 1, scale))
+    def expected_rate(self, k: int) -> float:
+        """Expected tokens per second of a round verifying ``k`` drafted tokens."""
+        return self._rates(k)[k]
 
     def choose(self, most: int) -> int:
         """The ``k`` in ``0..most`` of the highest expected rate (the smallest of equals); one token

@@ -155,17 +155,18 @@ class MaG(Stage):
         self._index = None
         self._last = (None, 0, 0)
 
-    def _indexed(self, ids) -> SuffixIndex:
+    def _indexed(self, ids, end: int) -> SuffixIndex:
         """The index over ``ids``. Within a generation the sequence grows (and a caller may roll back
         the tokens after the committed ones), so the index is cut back to what it shares with
-        ``ids`` and extended by the rest; it is rebuilt after :meth:`reset`, or for a new prompt.
+        ``ids`` and extended by the rest; it is rebuilt after :meth:`reset`, or for a new prompt
+        (``end``: its length).
         The same list object as on the last call, longer, is taken to have grown at its end (as a
         decoding loop's sequence does) and is not compared again."""
         if not isinstance(ids, list):
             ids = [int(t) for t in ids]
         idx = self._index
-        if idx is None or idx.end != self.prompt_len or not ids or not idx.seq or ids[0] != idx.seq[0]:
-            idx = self._index = SuffixIndex(self.max_ngram, self.prompt_len, self.min_ngram)
+        if idx is None or idx.end != end or not ids or not idx.seq or ids[0] != idx.seq[0]:
+            idx = self._index = SuffixIndex(self.max_ngram, end, self.min_ngram)
         seq = idx.seq
         m = min(len(seq), len(ids))
         last, n_last, _ = self._last
@@ -181,7 +182,7 @@ class MaG(Stage):
         t0 = time.perf_counter()
         if self.prompt_len is None:
             self.prompt_len = len(ids)
-        idx = self._indexed(ids)
+        idx = self._indexed(ids, self.prompt_len)
         n = len(idx.seq)
         out: list[int] = []
         kinds: list[int] = []
