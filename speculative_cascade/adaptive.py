@@ -365,16 +365,15 @@ class AdaptiveRound(ChainRound):
         q = None
         t1 = time.perf_counter()
         if self.lookup:  # propose, then choose among the proposal
-            kinds, draft = None, [0]
+            k = None
             if hasattr(self.source, "kinds"):  # its first token first: often it settles the round
                 draft, q = draft_tokens(self.source, ids, 1, params, generator)
-                kinds = self.source.kinds if len(self.source.kinds) == len(draft) else None
-            if not draft:  # nothing to verify
-                k = self._probe(0)
-            elif kinds and self._first_cannot_pay(reach_class(kinds[0])):
-                k = self._probe(most)
-                self.kinds = [reach_class(kinds[0])]
-            else:
+                first = self.source.kinds
+                if not draft:  # nothing to verify
+                    k = self._probe(0)
+                elif len(first) == 1 and self._first_cannot_pay(reach_class(first[0])):
+                    k, self.kinds = self._probe(most), [reach_class(first[0])]
+            if k is None:  # the whole proposal, and the choice among it
                 draft, q = draft_tokens(self.source, ids, most, params, generator)
                 kinds = getattr(self.source, "kinds", None)
                 self.kinds = [reach_class(r) for r in kinds] if kinds is not None and len(kinds) == len(draft) else None

@@ -57,7 +57,7 @@ class BigramTable:
 
 
 class SuffixIndex:
-    """Where each n-gram (``1..max_ngram`` tokens) of a sequence last ended, kept as the sequence
+    """Where each n-gram (``min_ngram..max_ngram`` tokens) of a sequence last ended, kept as the sequence
     grows: the lookup of :class:`MaG` in a few dictionary reads a round instead of a scan of the
     whole sequence (measured on the 13 Spec-Bench prompts: ~60-100 us a round with numpy scans,
     at a context of 50-800 tokens, against the ~5 ms of the target's forward it sits beside).
