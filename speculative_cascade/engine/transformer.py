@@ -182,10 +182,11 @@ class Embedding(PackedModule):
     """Token embeddings in any kernel format; a lookup dequantizes only the rows it reads.
 
     Decoding looks up one row a token, and a generation reuses few: a quantized table keeps the
-    rows it dequantized (at most ``MEMO_ROWS``), since one dequantization beside the forward cost
-    ~90 us (NumPy's steps, each cold after a forward), ~1.7% of a token of the 4-bit target."""
+    rows it dequantized (at most ``MEMO_BYTES`` of them), since one dequantization beside the
+    forward cost ~90 us (NumPy's steps, each cold after a forward), ~1.7% of a token of the 4-bit
+    target."""
 
-    MEMO_ROWS = 4096
+    MEMO_BYTES = 16 << 20
 
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__(vocab_size, dim)
@@ -199,7 +200,7 @@ class Embedding(PackedModule):
             token = int(tokens.item())
             row = self._memo.get(token)
             if row is None:
-                if len(self._memo) >= self.MEMO_ROWS:
+                if (len(self._memo) + 1) * self.packed.shape[1] * 4 > self.MEMO_BYTES:
                     self._memo.clear()
                 row = self._memo[token] = self.packed.rows(tokens.reshape(1))[0]
             return row.view(*tokens.shape, -1).clone()  # a copy: the kernels add to it in place
