@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -213,11 +214,12 @@ class AdaptiveRound(ChainRound):
         cal = self.calibration
         if cal is None:
             return
-        t1 = self.measured(1)
+        med = self._medians()
+        t1 = self.measured(1, medians=med)
         if t1:
             cal.t1 = t1
             for n in self.times:
-                tn = self.measured(n)
+                tn = self.measured(n, medians=med)
                 if n > 1 and tn:
                     cal.ratios[n] = tn / t1
         rows = cal.acceptance.setdefault(self.name, [])
@@ -233,15 +235,9 @@ class AdaptiveRound(ChainRound):
 
     # -- the choice ---------------------------------------------------------------------------
     def _medians(self) -> dict[int, tuple[float, int]]:
-        """``n -> (median, count)`` of the target's last forwards over ``n`` tokens (one snapshot a
-        round: the choice reads each several times)."""
-        out = {}
-        for n, times in self.times.items():
-            if times:
-                s = sorted(times)
-                m = len(s)
-                out[n] = (s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2, m)
-        return out
+        """``n -> (median, count)`` of the target's last forwards over ``n`` tokens (one snapshot for
+        a table of costs, which reads each several times)."""
+        return {n: (statistics.median(times), len(times)) for n, times in self.times.items() if times}
 
     def measured(self, n: int, least: int = 3, medians: dict | None = None) -> float | None:
         """The target's forward over ``n`` tokens: the median of the last ones, once there are ``least``."""
@@ -289,16 +285,20 @@ class AdaptiveRound(ChainRound):
         """Posterior means of positions ``0..k-1``'s acceptance, each given the positions before it
         were accepted; position ``i``'s prior mean is position ``i - 1``'s estimate. For a proposal
         whose tokens' reach classes are known: each class's posterior mean."""
-        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
         if self.kinds is not None:
-            mean = PRIOR_ACCEPT[0] / weight
-            counts = (self.by_reach.get(c, (0.0, 0.0)) for c in self.kinds[:k])
-            return [(a + weight * mean) / (t + weight) for a, t in counts]
+            return [self._class_acceptance(c) for c in self.kinds[:k]]
+        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
         out, prior = [], PRIOR_ACCEPT[0] / weight
         for a, t in self.acc[:k]:
             prior = (a + weight * prior) / (t + weight)
             out.append(prior)
         return out
+
+    def _class_acceptance(self, kind: int) -> float:
+        """Posterior mean of the acceptance of a token of reach class ``kind``."""
+        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
+        a, t = self.by_reach.get(kind, (0.0, 0.0))
+        return (a + weight * (PRIOR_ACCEPT[0] / weight)) / (t + weight)
 
     def acceptance(self, i: int) -> float:
         """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""
@@ -352,9 +352,7 @@ class AdaptiveRound(ChainRound):
         is too low for any ``k > 0`` to beat plain decoding (the bound of :meth:`_cost_table`, so
         the choice is the one :meth:`choose` makes, without reading the rest of the proposal)."""
         self._cost_table()
-        a, t = self.by_reach.get(kind, (0.0, 0.0))
-        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
-        return (a + PRIOR_ACCEPT[0]) / (t + weight) <= self._least
+        return self._class_acceptance(kind) <= self._least
 
     # -- one round ----------------------------------------------------------------------------
     def propose(self, ids, budget, params, generator) -> Proposal:
