@@ -391,3 +391,31 @@ def test_median_run_and_categories_vs_ar():
     rep = BenchReport({}, {"ar": m({"a": 10.0, "b": 10.0, "c": 10.0}), "x": m({"a": 10.0, "b": 11.0, "c": 9.9}),
                            "hf": m({"a": 99.0, "b": 99.0, "c": 99.0}, "wall")})
     assert categories_vs_ar(rep) == {"x": (2, 3)}  # level counts; a different basis is not compared
+
+
+def test_paired_vs_ar_by_turn():
+    from speculative_cascade.bench.report import BenchReport, MethodReport, markdown, paired_vs_ar
+
+    def runs(*secs):
+        return [{"decode_s": s, "s": s + 0.1} for s in secs]
+
+    # category a: two prompts; the method's turn 2 falls in a slow spell with ar's own turn 2
+    prompts = [
+        {"category": "a", "new_tokens": {"ar": 10, "x": 10, "y": 5}, "runs": {"ar": runs(1.0, 2.0, 1.0), "x": runs(0.5, 1.0, 0.8), "y": runs(1.0, 1.0, 1.0)}},
+        {"category": "a", "new_tokens": {"ar": 10, "x": 10, "y": 5}, "runs": {"ar": runs(1.0, 2.0, 1.0), "x": runs(0.5, 1.0, 0.8), "y": runs(1.0, 1.0, 1.0)}},
+        {"category": "b", "new_tokens": {"ar": 20, "x": 20, "y": 20}, "runs": {"ar": runs(2.0, 2.0, 2.0), "x": runs(4.0, 2.0, 1.0), "y": runs(2.0, 2.0, 2.0)}},
+    ]
+    m = MethodReport(1, 1.0, 1.0, 1.0, {"a": 1.0, "b": 1.0}, "decode")
+    cfg = {"repeats": 3, "prompts": 3, "max_new_tokens": 20, "target": "t", "threads": 2, "torch": "-", "date": "-"}
+    rep = BenchReport(cfg, {"ar": m, "x": m, "y": m}, prompts)
+    got = paired_vs_ar(rep)
+    assert got["x"]["a"] == (2.0, 1.25, 2.0)  # turns: 2/1, 4/2, 2/1.6
+    assert got["x"]["b"] == (1.0, 0.5, 2.0)
+    # speed, not time: y's prompts end after 5 tokens, so half of ar's tokens in the same time
+    assert got["y"]["a"] == (0.5, 0.5, 1.0)
+    assert got["y"]["b"] == (1.0, 1.0, 1.0)
+    md = markdown(rep)
+    assert "## Against ar turn by turn" in md and "| x | 2.00x (1.25-2.00) | 1.00x (0.50-2.00) |" in md
+    prompts[2]["runs"]["y"][0]["decode_s"] = None  # a method without decode times is left out
+    assert set(paired_vs_ar(rep)) == {"x"}
+    assert paired_vs_ar(BenchReport({}, {"x": m}, [{"category": "a", "runs": {"x": runs(1.0)}}])) == {}

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -376,6 +377,47 @@ def categories_vs_ar(report: BenchReport) -> dict[str, tuple[int, int]]:
     return out
 
 
+
+def paired_vs_ar(report: BenchReport) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Per method other than ar, per category: its decode tok/s over ar's, turn by turn (the
+    runs of one turn follow each other, so a slow spell of a shared machine falls on both): the
+    median over turns, and the lowest and highest turn (a category's prompts summed in each turn;
+    a prompt's tokens are the same in every turn of a method). Empty without ar, decode times
+    or turns."""
+    ar_runs = [p.get("runs", {}).get("ar") for p in report.prompts]
+    if not report.prompts or any(not r for r in ar_runs):
+        return {}
+    out: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for name in report.methods:
+        if name == "ar":
+            continue
+        # category -> per turn [ar's tokens, ar's s, the method's tokens, its s]
+        sums: dict[str, list[list[float]]] = defaultdict(list)
+        usable = True
+        for p, ar in zip(report.prompts, ar_runs):
+            mine = p["runs"].get(name)
+            tokens = p.get("new_tokens", {})
+            if not mine or len(mine) != len(ar) or any(t.get("decode_s") is None for t in (*mine, *ar)) \
+                    or name not in tokens or "ar" not in tokens:
+                usable = False
+                break
+            turns = sums[p["category"]]
+            if not turns:
+                turns.extend([0.0, 0.0, 0.0, 0.0] for _ in ar)
+            for turn, a, b in zip(turns, ar, mine):
+                turn[0] += tokens["ar"]
+                turn[1] += a["decode_s"]
+                turn[2] += tokens[name]
+                turn[3] += b["decode_s"]
+        if usable:
+            out[name] = {}
+            for c, turns in sums.items():
+                r = [(n / s) / (na / sa) for na, sa, n, s in turns if s > 0 and sa > 0 and na > 0]
+                if r:
+                    out[name][c] = (statistics.median(r), min(r), max(r))
+    return out
+
+
 # -- Markdown ------------------------------------------------------------------------------------
 
 
@@ -457,6 +499,21 @@ def markdown(report: BenchReport) -> str:
     )
     out += ["", "Prefill excluded" + (" (where a method times it apart)" if not decode else "")
             + f"; each prompt's median of {cfg.get('repeats', 1)} run(s) per method."]
+    paired = paired_vs_ar(report)
+    if paired and cfg.get("repeats", 1) > 1:
+        out += ["", "## Against ar turn by turn, by category", ""]
+        out += _md_table(
+            ("method", *cats),
+            ("---",) + ("---:",) * len(cats),
+            [
+                (name, *(f"{v[0]:.2f}x ({v[1]:.2f}-{v[2]:.2f})" if (v := by.get(c)) else "-" for c in cats))
+                for name, by in paired.items()
+            ],
+        )
+        out += ["", "Each turn runs every method once on a prompt, one after another; per turn, the method's decode "
+                "tok/s over ar's (a category's prompts summed): the median over turns, and the lowest and "
+                "highest turn. A category whose range straddles 1.00x differs from ar by less than this "
+                "machine's variation from turn to turn."]
     out += [
         "",
         "Plots: `speedup.png` (speedup over ar by method and category), `acceptance.png` "
