@@ -377,7 +377,6 @@ def categories_vs_ar(report: BenchReport) -> dict[str, tuple[int, int]]:
     return out
 
 
-
 def paired_vs_ar(report: BenchReport) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Per method other than ar, per category: its decode tok/s over ar's, turn by turn (the
     runs of one turn follow each other, so a slow spell of a shared machine falls on both): the
