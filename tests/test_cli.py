@@ -400,10 +400,14 @@ def test_paired_vs_ar_by_turn():
         return [{"decode_s": s, "s": s + 0.1} for s in secs]
 
     # category a: two prompts; the method's turn 2 falls in a slow spell with ar's own turn 2
+    def prompt(category, tokens, ar, x, y):
+        return {"category": category, "new_tokens": dict(zip(("ar", "x", "y"), tokens)),
+                "runs": {"ar": runs(*ar), "x": runs(*x), "y": runs(*y)}}
+
     prompts = [
-        {"category": "a", "new_tokens": {"ar": 10, "x": 10, "y": 5}, "runs": {"ar": runs(1.0, 2.0, 1.0), "x": runs(0.5, 1.0, 0.8), "y": runs(1.0, 1.0, 1.0)}},
-        {"category": "a", "new_tokens": {"ar": 10, "x": 10, "y": 5}, "runs": {"ar": runs(1.0, 2.0, 1.0), "x": runs(0.5, 1.0, 0.8), "y": runs(1.0, 1.0, 1.0)}},
-        {"category": "b", "new_tokens": {"ar": 20, "x": 20, "y": 20}, "runs": {"ar": runs(2.0, 2.0, 2.0), "x": runs(4.0, 2.0, 1.0), "y": runs(2.0, 2.0, 2.0)}},
+        prompt("a", (10, 10, 5), (1.0, 2.0, 1.0), (0.5, 1.0, 0.8), (1.0, 1.0, 1.0)),
+        prompt("a", (10, 10, 5), (1.0, 2.0, 1.0), (0.5, 1.0, 0.8), (1.0, 1.0, 1.0)),
+        prompt("b", (20, 20, 20), (2.0, 2.0, 2.0), (4.0, 2.0, 1.0), (2.0, 2.0, 2.0)),
     ]
     m = MethodReport(1, 1.0, 1.0, 1.0, {"a": 1.0, "b": 1.0}, "decode")
     cfg = {"repeats": 3, "prompts": 3, "max_new_tokens": 20, "target": "t", "threads": 2, "torch": "-", "date": "-"}
