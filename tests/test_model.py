@@ -142,3 +142,60 @@ def test_cache_overflow_is_refused():
     cache = native.new_cache(8)
     with pytest.raises(AssertionError):
         native(torch.zeros(1, 9, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_dense_weights_placed_in_one_block(monkeypatch, tie):
+    """fp32 weights are copied into one 2 MiB-aligned block in the order a forward reads them;
+    tied tensors stay one tensor, and the logits are bit-identical to the weights left in place."""
+    import mmap
+
+    from speculative_cascade.engine import pages
+    from speculative_cascade.engine.transformer import Transformer
+
+    hf = hf_model("llama", seed=3, vocab=12288, tie=tie)  # a 3 MiB embedding table: a block of its own
+    placed = native_from_hf(hf)
+    monkeypatch.setattr(Transformer, "_place_weights", lambda self: None)
+    unplaced = native_from_hf(hf)
+    monkeypatch.undo()
+
+    order = []
+    for blk in placed.layers:
+        att, ff = blk.attention, blk.feed_forward
+        order += [blk.attention_norm.weight, att.wqkv.packed.data, att.wo.packed.data, blk.ffn_norm.weight,
+                  ff.w13.packed.data, ff.w2.packed.data]
+    order += [placed.norm.weight, placed.output.packed.data]
+    ptrs = [t.data_ptr() for t in order]
+    assert ptrs == sorted(ptrs) and len(set(ptrs)) == len(ptrs)
+    assert all(p % pages.ALIGN == 0 for p in ptrs)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert ptrs[0] % pages.HUGE_PAGE == 0
+    assert ptrs[-1] - ptrs[0] < placed.decode_bytes + pages.ALIGN * len(ptrs)  # one block, nothing between
+    emb = placed.tok_embeddings.packed.data.data_ptr()
+    assert (emb == ptrs[-1]) == tie and (emb in ptrs) == tie
+    assert [t.data_ptr() for t in unplaced.parameters()] != [t.data_ptr() for t in placed.parameters()]
+
+    tokens = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    a = placed(tokens, placed.new_cache(16))
+    b = unplaced(tokens, unplaced.new_cache(16))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_quantized_weights_stay_where_loaded():
+    """int8 and 4-bit layers are not copied (their products are bound by dequantization, not by
+    the reads): a stored matrix is the very tensor the checkpoint gave."""
+    from speculative_cascade.engine.formats import PackedWeight
+    from speculative_cascade.engine.quant import quantize_weight
+    from speculative_cascade.engine.transformer import ModelArgs, Transformer
+
+    hf = hf_model("llama", seed=4, vocab=12288)
+    sd = dict(hf.state_dict())
+    for name in [n for n in sd if n.endswith("proj.weight")]:
+        sd[name] = PackedWeight.int8(*quantize_weight(sd[name]))
+    native = Transformer(ModelArgs.from_hf_config(hf.config))
+    native.load_hf_state_dict(sd, precision="stored")
+    down = native.layers[1].feed_forward.w2.packed
+    assert down.fmt != 0 and down.data.data_ptr() == sd["model.layers.1.mlp.down_proj.weight"].data.data_ptr()
+    fp32 = Transformer(ModelArgs.from_hf_config(hf.config))
+    fp32.load_hf_state_dict(sd, precision="fp32")  # dequantized: dense, placed
+    assert fp32.layers[1].feed_forward.w2.packed.data.data_ptr() > fp32.layers[0].attention_norm.weight.data_ptr()

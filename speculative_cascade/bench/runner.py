@@ -18,7 +18,7 @@ from rich.progress import Progress
 from ..config import TWO_STAGE_K, CascadeConfig
 from ..cost.calibrate import RoundProfiler, measure_target_cost
 from ..decoding import StopChecker, generate_tokens
-from ..engine import kernels
+from ..engine import kernels, pages
 from ..engine.loader import load_model
 from ..engine.transformer import Transformer
 from ..errors import CascadeError
@@ -302,7 +302,7 @@ def _bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
     k = kernels.get()
     if k is not None:
         return k.stream_bandwidth(megabytes, repeats) / 1e9
-    buf = torch.ones(megabytes * 2**20 // 4)
+    buf = pages.block(megabytes * 2**20).view(torch.float32).fill_(1.0)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, pages
 from .formats import Format, PackedWeight, concat, q8_activations
 from .kv_cache import KVCache
 
@@ -596,6 +596,38 @@ class Transformer(nn.Module):
             self.output.set(self.tok_embeddings.packed)  # tied: one tensor, read once
         else:
             self.output.set(mat("lm_head.weight"))
+        self._fused = None
+        if all(m.packed.fmt in (Format.F32, Format.F16, Format.BF16) for blk in self.layers for m in _linears(blk)):
+            self._place_weights()
+
+    def _place_weights(self) -> None:
+        """Move every weight into one block of 2 MiB pages in the order a forward reads them
+        (:mod:`.pages`); tied and shared tensors stay shared. Done for dense float layers, whose
+        products stream memory: an fp32 SmolLM2-135M forward ~3% faster (Zen 4, avx512). 4- and
+        8-bit blocks are not moved: their products are bound by the dequantization, not the reads
+        (no difference measured), and the copy costs time at load."""
+        mods: list = []
+        for blk in self.layers:
+            mods += [blk.attention_norm, *_linears(blk)[:2], blk.ffn_norm, *_linears(blk)[2:]]
+        mods += [self.norm, self.output, self.tok_embeddings]
+
+        def tensors(m) -> list[torch.Tensor]:
+            if isinstance(m, RMSNorm):
+                return [m.weight.data]
+            bias = getattr(m, "bias", None)
+            return m.packed.tensors() + ([] if bias is None else [bias])
+
+        mem = pages.Block([t for m in mods for t in tensors(m)])
+        for m in mods:
+            if isinstance(m, RMSNorm):
+                m.weight.data = mem.place(m.weight.data)
+                continue
+            p = m.packed
+            p.data = mem.place(p.data)
+            if p.sm is not None:
+                p.sm = mem.place(p.sm)
+            if getattr(m, "bias", None) is not None:
+                m.bias = mem.place(m.bias)
         self._fused = None
 
 

@@ -145,10 +145,14 @@ class Kernels:
 
     def stream_bandwidth(self, megabytes: int = 512, repeats: int = 5) -> float:
         """This machine's streaming read bandwidth in bytes/s (best of ``repeats`` reads of a buffer
-        much larger than the caches), with the threads the kernels use."""
+        much larger than the caches, in the 2 MiB pages the weights are in), with the threads the
+        kernels use."""
         import torch  # the kernels load without torch (setup.py); this probe runs with it
 
-        buf = torch.ones(megabytes * 2**20 // 4)
+        from .. import pages  # (imports torch)
+
+        buf = pages.block(megabytes * 2**20).view(torch.float32)
+        buf.fill_(1.0)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
