@@ -354,10 +354,12 @@ def info(
             typer.echo(
                 f"{role:7s} {d['architecture']:8s} {d['implementation']:12s} {d['parameters'] / 1e6:8.1f} M params "
                 f"{d['bytes'] / 2**20:8.1f} MiB  {d['dtype']}  vocab {d['vocab_size']}  layers {d['layers']}"
+                + (f"  ({d['huge_page_bytes'] / 2**20:.0f} MiB in 2 MiB pages)" if d["huge_page_bytes"] else "")
             )
 
 
 def describe(model) -> dict:
+    from .engine import pages  # heavy (torch): imported when the command runs
     from .engine.transformer import Transformer  # heavy (torch): imported when the command runs
 
     native = isinstance(model, Transformer)
@@ -369,6 +371,8 @@ def describe(model) -> dict:
         "dtype": getattr(model, "quantized", None) or (model.weight_format if native else "fp32"),
         "vocab_size": model.vocab_size,
         "layers": model.args.n_layers if native else getattr(model.config, "num_hidden_layers", None),
+        # weights the system holds in 2 MiB pages (dense float targets ask for them; None: not Linux)
+        "huge_page_bytes": pages.huge_bytes(model.layers[0].attention.wqkv.packed.data) if native else None,
     }
 
 

@@ -199,3 +199,23 @@ def test_quantized_weights_stay_where_loaded():
     fp32 = Transformer(ModelArgs.from_hf_config(hf.config))
     fp32.load_hf_state_dict(sd, precision="fp32")  # dequantized: dense, placed
     assert fp32.layers[1].feed_forward.w2.packed.data.data_ptr() > fp32.layers[0].attention_norm.weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_buffers_zeroed_and_apart(dtype):
+    """The cache's keys and values: zeroed, contiguous, of the cache's dtype, and apart (a write to
+    one leaves the other as it was) in one block (2 MiB-aligned where the system has huge pages)."""
+    import mmap
+
+    from speculative_cascade.engine import pages
+    from speculative_cascade.engine.kv_cache import KVCache
+
+    c = KVCache(3, 2, 2, 4096, 64, dtype=dtype)  # 6 MiB each
+    assert c.k.shape == c.v.shape == (3, 2, 2, 4096, 64) and c.k.dtype == c.v.dtype == dtype
+    assert c.k.is_contiguous() and c.v.is_contiguous()
+    assert not c.k.any() and not c.v.any()
+    c.k.fill_(1)
+    assert not c.v.any() and c.k.all()
+    assert c.v.data_ptr() >= c.k.data_ptr() + c.k.nbytes
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert c.k.data_ptr() % pages.HUGE_PAGE == 0

@@ -6,11 +6,19 @@ values at slots ``[seqlens[b], seqlens[b] + T)`` of each row ``b``; the caller t
 advances or rolls back the cursor. Rolling back after rejected drafts is integer
 arithmetic on ``seqlens``: the stale slots are simply overwritten later and never
 attended to, because the attention mask only admits slots below the cursor.
+
+On the CPU the buffers are one block of 2 MiB pages (:mod:`.pages`), which nothing touches
+until a position is written: attention over a 660-token context read it ~12% faster than
+from 4 KiB pages (Zen 4, avx512; a stored-format SmolLM2-135M forward 6.57 -> 6.38 ms).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from . import pages
 
 
 class KVCache:
@@ -27,8 +35,14 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # both in one zeroed block of 2 MiB pages (see pages)
+            n = -(-math.prod(shape) * dtype.itemsize // pages.ALIGN) * pages.ALIGN
+            mem = pages.block(2 * n)
+            self.k = mem[:n].view(dtype)[: math.prod(shape)].view(shape)
+            self.v = mem[n:].view(dtype)[: math.prod(shape)].view(shape)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         # Python ints: reading them costs nothing in the hot loop; rows may differ (ragged).
