@@ -89,7 +89,6 @@ def _weights(N: int, K: int, seed: int = 0) -> dict[str, PackedWeight]:
     q4 = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)
     return {
         "f32": PackedWeight.dense(w),
-        "f32i": PackedWeight.dense(w).interleaved(),
         "f16": PackedWeight.dense(w.half()),
         "bf16": PackedWeight.dense(w.bfloat16()),
         "i8-row": PackedWeight.int8(q8, torch.rand(N, 1, generator=g) / 50),
@@ -120,17 +119,13 @@ def _assert_rows_as_one_row(k, w: PackedWeight, x: torch.Tensor, bias, one: torc
 
 
 @pytest.mark.parametrize("variant", RUNNABLE)
-@pytest.mark.parametrize(
-    "fmt", ["f32", "f32i", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4", "q4-f16", "q4-odd", "f32i-odd"]
-)
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "i8-row", "i8-16", "i8-32", "q4", "q4-f16", "q4-odd"])
 def test_matmul_matches_reference_and_is_batch_invariant(variant, fmt):
     k = kernels.get(variant)
-    # N not a multiple of any block size; 4-bit and interleaved fp32 rows come in blocks of 8 (else they
-    # are stored as int8 and plain fp32)
-    N, K = (37 if fmt.endswith("-odd") or not fmt.startswith(("q4", "f32i")) else 40), 96
+    # N not a multiple of any block size; 4-bit rows come in blocks of 8 (else they are stored as int8)
+    N, K = (37 if fmt.endswith("-odd") or not fmt.startswith("q4") else 40), 96
     w = _weights(N, K)[fmt.removesuffix("-odd")]
     assert (w.fmt == Format.Q4) == (fmt in ("q4", "q4-f16"))
-    assert (w.fmt == Format.F32I) == (fmt == "f32i")
     assert w.sm is None or (w.sm.dtype == torch.float16) == fmt.endswith("f16")
     bias = torch.randn(N)
     x = torch.randn(13, K)
@@ -338,18 +333,3 @@ def test_long_context_attention_does_not_overflow_the_stack():
         cache.seqlens = [start]
         out = model(torch.arange(T)[None] % 64, cache)
         assert torch.isfinite(out).all() and out.shape == (1, T, 64)
-
-
-def test_interleaved_fp32_round_trips():
-    """F32I keeps the matrix: dequantized, looked up by rows, cut to its first rows, reordered."""
-    w = torch.randn(48, 64)
-    il = PackedWeight.dense(w).interleaved()
-    assert il.fmt == Format.F32I and il.shape == (48, 64) and not torch.equal(il.data, w)
-    assert torch.equal(il.dequantize(), w)
-    ids = torch.tensor([[0, 47, 9], [8, 8, 23]])
-    assert torch.equal(il.rows(ids), w[ids])
-    assert torch.equal(il.first_rows(16).dequantize(), w[:16])
-    perm = torch.randperm(48)
-    assert torch.equal(il.select_rows(perm).dequantize(), w[perm])
-    assert torch.equal(concat([il, il]).dequantize(), torch.cat([w, w]))
-    assert PackedWeight.dense(torch.randn(44, 64)).interleaved().fmt == Format.F32  # 44 rows: not blocks of 8

@@ -45,7 +45,6 @@ class Format(IntEnum):
     I8 = 3
     Q4 = 4
     I8Q8 = 5
-    F32I = 6  # fp32, rows interleaved in blocks of eight, 16 inputs at a time (see interleaved())
 
 
 _QUANTIZED = (Format.I8, Format.Q4, Format.I8Q8)
@@ -105,16 +104,6 @@ class PackedWeight:
         sm = _compact(sm.float()).reshape(N // Q4_ROWS, Q4_ROWS, G, 2).transpose(1, 2).contiguous()
         return cls(Format.Q4, data, sm, 32, (N, 2 * half))
 
-    def interleaved(self) -> "PackedWeight":
-        """This fp32 matrix with its rows interleaved in blocks of eight, 16 inputs at a time
-        (``(N / 8, K / 16, 8, 16)``), so that the kernels read a block of rows front to back: the
-        same products bit for bit, streamed ~15% faster. Itself when not fp32 or N % 8 or K % 16."""
-        N, K = self.shape
-        if self.fmt != Format.F32 or N % Q4_ROWS or K % 16:
-            return self
-        data = self.data.reshape(N // Q4_ROWS, Q4_ROWS, K // 16, 16).transpose(1, 2).contiguous()
-        return PackedWeight(Format.F32I, data.view(N, K), None, K, self.shape)
-
     # -- reading -------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
@@ -139,10 +128,6 @@ class PackedWeight:
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         """The fp32 matrix (or some of its rows), exactly as the kernels see it."""
-        if self.fmt == Format.F32I:
-            N, K = self.shape
-            idx = torch.arange(N)[rows].reshape(-1)
-            return self.data.view(N // Q4_ROWS, K // 16, Q4_ROWS, 16)[idx // Q4_ROWS, :, idx % Q4_ROWS].reshape(-1, K)
         if not self.quantized:
             return self.data[rows].float()
         q = self.codes(rows)
@@ -191,8 +176,6 @@ class PackedWeight:
     # -- reshaping -----------------------------------------------------------------------
     def select_rows(self, perm: torch.Tensor) -> "PackedWeight":
         """Rows reordered (exact in every format)."""
-        if self.fmt == Format.F32I:
-            return PackedWeight.dense(self.dequantize()).select_rows(perm).interleaved()
         if self.fmt == Format.Q4:
             b, sm = self._q4_rows(perm)
             return PackedWeight.q4(b.reshape(len(perm), -1), sm)
@@ -200,10 +183,9 @@ class PackedWeight:
                             self.sm[perm].contiguous(), self.group, (len(perm), self.shape[1]))
 
     def first_rows(self, n: int) -> "PackedWeight":
-        """The first ``n`` rows, sharing memory (Q4 and F32I: n a multiple of 8)."""
-        if self.fmt in (Format.Q4, Format.F32I):
-            assert n % Q4_ROWS == 0
+        """The first ``n`` rows, sharing memory (Q4: n a multiple of 8)."""
         if self.fmt == Format.Q4:
+            assert n % Q4_ROWS == 0
             return PackedWeight(self.fmt, self.data[: n // Q4_ROWS], self.sm[: n // Q4_ROWS], self.group,
                                 (n, self.shape[1]))
         return PackedWeight(self.fmt, self.data[:n], None if self.sm is None else self.sm[:n], self.group,

@@ -57,14 +57,13 @@ class Block:
                 at += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
         self.mem = block(at)
 
-    def place(self, t: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
-        """The copy of ``t`` (or of ``value``, of t's shape and dtype, in t's place); ``t`` itself
-        when it is not one of the block's (placed already)."""
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """The copy of ``t``; ``t`` itself when it is not one of the block's (placed already)."""
         at = self.offsets.pop(t.data_ptr(), None)
         if at is None:
             return t
         copy = self.mem[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        copy.copy_(t if value is None else value)
+        copy.copy_(t)
         return copy
 
 

@@ -602,12 +602,10 @@ class Transformer(nn.Module):
 
     def _place_weights(self) -> None:
         """Move every weight into one block of 2 MiB pages in the order a forward reads them
-        (:mod:`.pages`), fp32 matrices with their rows interleaved (:meth:`PackedWeight.interleaved`);
-        tied and shared tensors stay shared. Done for dense float layers, whose products stream
-        memory: an fp32 SmolLM2-135M forward ~3% faster in 2 MiB pages (Zen 4, avx512), and its
-        products 44 -> 50 GB/s with the rows interleaved. 4- and 8-bit blocks are not moved: their
-        products are bound by the dequantization, not the reads (no difference measured), and the
-        copy costs time at load."""
+        (:mod:`.pages`); tied and shared tensors stay shared. Done for dense float layers, whose
+        products stream memory: an fp32 SmolLM2-135M forward ~3% faster (Zen 4, avx512). 4- and
+        8-bit blocks are not moved: their products are bound by the dequantization, not the reads
+        (no difference measured), and the copy costs time at load."""
         mods: list = []
         for blk in self.layers:
             mods += [blk.attention_norm, *_linears(blk)[:2], blk.ffn_norm, *_linears(blk)[2:]]
@@ -620,14 +618,12 @@ class Transformer(nn.Module):
             return m.packed.tensors() + ([] if bias is None else [bias])
 
         mem = pages.Block([t for m in mods for t in tensors(m)])
-        interleave = kernels.get() is not None  # (the PyTorch path reads rows in order)
         for m in mods:
             if isinstance(m, RMSNorm):
                 m.weight.data = mem.place(m.weight.data)
                 continue
             p = m.packed
-            il = p.interleaved() if interleave else p  # (a tied head and embedding: one object, once)
-            p.fmt, p.data = il.fmt, mem.place(p.data, il.data)
+            p.data = mem.place(p.data)
             if p.sm is not None:
                 p.sm = mem.place(p.sm)
             if getattr(m, "bias", None) is not None:

@@ -52,10 +52,7 @@
 #include <omp.h>
 #endif
 
-/* SC_F32I: fp32 with rows interleaved in blocks of 8, 16 inputs at a time ((N / 8, K / 16, 8, 16)): a
- * block of rows reads front to back, one stream the hardware prefetcher follows (the target's
- * fp32 products with every matrix so, measured on a Zen 4 EPYC: 44 -> 50 GB/s, the probe at 60) */
-enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5, SC_F32I = 6 };
+enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5 };
 
 /* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
  * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored); has_min: some min is
@@ -111,7 +108,7 @@ static inline __attribute__((always_inline)) void pf_l2(const char *p, int n) {
 #ifndef RB_Q4
 #define RB_Q4(R) RB_FOR(R)
 #endif
-#define RB_OF(F, R) ((F) <= SC_BF16 || (F) == SC_F32I ? RB_DENSE(R) : (F) == SC_I8 ? RB_I8(R) : (F) == SC_Q4 ? RB_Q4(R) : RB_FOR(R))
+#define RB_OF(F, R) ((F) <= SC_BF16 ? RB_DENSE(R) : (F) == SC_I8 ? RB_I8(R) : (F) == SC_Q4 ? RB_Q4(R) : RB_FOR(R))
 #define Q4_ROWS 8
 #ifndef RMAX_Q4
 #define RMAX_Q4 RMAX /* rows of x per pass of the 4-bit tile (at most RMAX) */
@@ -178,7 +175,6 @@ static inline __attribute__((always_inline)) vf load_w(const int fmt, const sc_m
     size_t K = (size_t)W->k;
     switch (fmt) {
     case SC_F32: return vload((const float *)W->w + n * K + k);
-    case SC_F32I: return vload((const float *)W->w + (n / 8 * K + (size_t)k / 16 * 16) * 8 + n % 8 * 16 + k % 16);
     case SC_F16: return cvt_f16((const uint16_t *)W->w + n * K + k);
     case SC_BF16: return cvt_bf16((const uint16_t *)W->w + n * K + k);
     case SC_I8: return vdeq(cvt_i8((const int8_t *)W->w + n * K + k), vsplat(d), vsplat(m));
@@ -312,7 +308,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
                                                       int n0) {
     const int K = W->k, G = W->group, ng = K / G;
     const int quant = fmt == SC_I8; /* (4-bit groups read their scales above) */
-    const int eb = fmt == SC_F32 || fmt == SC_F32I ? 4 : fmt == SC_I8 ? 1 : 2; /* bytes a weight (int8, dense) */
+    const int eb = fmt == SC_F32 ? 4 : fmt == SC_I8 ? 1 : 2; /* bytes a weight (int8 and dense formats) */
     const char *ahead = pf_ahead((const char *)W->w + (size_t)n0 * K * eb, (size_t)RB * K * eb); /* (4-bit: unused) */
     vf acc[RMAX][RBMAX];
     SC_UNROLL for (int r = 0; r < R; r++) SC_UNROLL for (int j = 0; j < RB; j++) acc[r][j] = vsplat(0.f);
@@ -375,7 +371,7 @@ static inline __attribute__((always_inline)) void tile(const int fmt, const int 
         }
         for (int kk = 0; kk < G; kk += VW) { /* dense: fp32 or a 16-bit float */
             int k = g * G + kk;
-            if (fmt != SC_F32I) pf_l2(ahead + (size_t)k * RB * eb, RB * VW * eb); /* (F32I: read in order) */
+            pf_l2(ahead + (size_t)k * RB * eb, RB * VW * eb);
             vf xv[RMAX];
             SC_UNROLL for (int r = 0; r < R; r++) xv[r] = vload(x + (size_t)r * ldx + k);
             SC_UNROLL for (int j = 0; j < RB; j++) {
@@ -637,7 +633,6 @@ static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy
         int n0 = b * RB, rb = W->n - n0 < RB ? W->n - n0 : RB;
         switch (W->fmt) {
         case SC_F32: block_rows(SC_F32, W, x, ldx, M, y, ldy, n0, rb, passes); break;
-        case SC_F32I: block_rows(SC_F32I, W, x, ldx, M, y, ldy, n0, rb, passes); break;
         case SC_F16: block_rows(SC_F16, W, x, ldx, M, y, ldy, n0, rb, passes); break;
         case SC_BF16: block_rows(SC_BF16, W, x, ldx, M, y, ldy, n0, rb, passes); break;
         case SC_I8: block_rows(SC_I8, W, x, ldx, M, y, ldy, n0, rb, passes); break;
