@@ -9,7 +9,7 @@ bf16, fp16: products that stream memory) has its weights copied, in the order a 
 them, into one anonymous mapping aligned to 2 MiB and advised so (``Transformer._place_weights``);
 the bandwidth probe reads the same kind of memory, so the bound it prints stands on the same
 footing. On a 2-core Zen 4 VM the probe read 29-63 GB/s in 2 MiB pages against 29-57 in 4 KiB
-ones (read alternately, the gap 2-40% by the moment), and fp32 SmolLM2-135M forwards ran ~3%
+ones (read alternately, the gap 0-43% by the moment), and fp32 SmolLM2-135M forwards ran ~3%
 faster.
 
 Elsewhere (no ``MADV_HUGEPAGE``: macOS, Windows; or THP set to ``never``) the same layout in
