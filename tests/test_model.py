@@ -219,3 +219,27 @@ def test_kv_cache_buffers_zeroed_and_apart(dtype):
     assert c.v.data_ptr() >= c.k.data_ptr() + c.k.nbytes
     if hasattr(mmap, "MADV_HUGEPAGE"):
         assert c.k.data_ptr() % pages.HUGE_PAGE == 0
+
+
+def test_quantized_copy_places_its_own_matrices():
+    """An INT8 copy moves its new matrices into one block, in forward order, and leaves what it
+    shares with the original (norms, embedding table) where it is; the original is untouched."""
+    from speculative_cascade.engine.quant import quantize_int8
+
+    target = native_from_hf(hf_model("llama", seed=5, vocab=40960))  # an int8 head of 2.5 MiB: a block
+    before = [t.data_ptr() for t in target._tensors()]
+    draft = quantize_int8(target)
+    assert [t.data_ptr() for t in target._tensors()] == before
+    assert draft.layers[0].attention_norm.weight.data_ptr() == target.layers[0].attention_norm.weight.data_ptr()
+    assert draft.tok_embeddings.packed.data.data_ptr() == target.tok_embeddings.packed.data.data_ptr()
+    mats = [m.packed.data for blk in draft.layers for m in (blk.attention.wqkv, blk.attention.wo,
+                                                             blk.feed_forward.w13, blk.feed_forward.w2)]
+    ptrs = [t.data_ptr() for t in mats + [draft.output.packed.data]]
+    assert ptrs == sorted(ptrs) and not set(ptrs) & set(before)
+    assert ptrs[-1] - ptrs[0] < sum(m.packed.nbytes for m in draft.modules() if hasattr(m, "packed")) + 2**16
+    import mmap
+
+    from speculative_cascade.engine import pages
+
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # the block's first tensor: layer 0's fused q/k/v
+        assert ptrs[0] % pages.HUGE_PAGE == 0

@@ -107,7 +107,7 @@ def _quantized_copy(model: Transformer, make, tag: str) -> Transformer:
             if isinstance(child, Linear):
                 setattr(parent, name, make(None if parent is q else parent, child))
     q._rope_cache = q._rot_cache = None
-    q._fused = None
+    q._place_weights(keep={t.data_ptr() for t in model._tensors()})  # its own matrices; the shared stay
     q.quantized = tag
     return q
 
