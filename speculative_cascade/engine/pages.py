@@ -6,7 +6,8 @@ and the read stalls at each. Linux gives 2 MiB pages ("transparent huge pages") 
 asks for them with ``madvise(MADV_HUGEPAGE)`` (the default mode of most distributions is
 ``madvise``: nothing is huge unless asked). So a target whose layers are dense floats (fp32,
 bf16, fp16: products that stream memory) has its weights copied, in the order a forward reads
-them, into one anonymous mapping aligned to 2 MiB and advised so (``Transformer._place_weights``);
+them, into one anonymous mapping aligned to 2 MiB and advised so (``Transformer._place_weights``;
+an INT8 or 4-bit draft copied from a target places its own matrices the same way);
 the bandwidth probe reads the same kind of memory, so the bound it prints stands on the same
 footing. On a 2-core Zen 4 VM the probe read 29-63 GB/s in 2 MiB pages against 29-57 in 4 KiB
 ones (read alternately, the gap 0-43% by the moment), and fp32 SmolLM2-135M forwards ran ~3%
