@@ -296,9 +296,8 @@ class AdaptiveRound(ChainRound):
 
     def _class_acceptance(self, kind: int) -> float:
         """Posterior mean of the acceptance of a token of reach class ``kind``."""
-        weight = PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1]
         a, t = self.by_reach.get(kind, (0.0, 0.0))
-        return (a + weight * (PRIOR_ACCEPT[0] / weight)) / (t + weight)
+        return (a + PRIOR_ACCEPT[0]) / (t + PRIOR_ACCEPT[0] + PRIOR_ACCEPT[1])
 
     def acceptance(self, i: int) -> float:
         """Posterior mean of position ``i``'s acceptance, given the positions before it were accepted."""

@@ -37,10 +37,11 @@ class KVCache:
     ) -> None:
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         if torch.device(device).type == "cpu":  # both in one zeroed block of 2 MiB pages (see pages)
-            n = -(-math.prod(shape) * dtype.itemsize // pages.ALIGN) * pages.ALIGN
+            count = math.prod(shape)
+            n = -(-count * dtype.itemsize // pages.ALIGN) * pages.ALIGN
             mem = pages.block(2 * n)
-            self.k = mem[:n].view(dtype)[: math.prod(shape)].view(shape)
-            self.v = mem[n:].view(dtype)[: math.prod(shape)].view(shape)
+            self.k = mem[:n].view(dtype)[:count].view(shape)
+            self.v = mem[n:].view(dtype)[:count].view(shape)
         else:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
