@@ -150,11 +150,10 @@ class Level(Drafter):
             draft, q = (
                 self.drafters.propose(seq, k - len(out) - 1, params, generator) if k - len(out) > 1 else ([], None)
             )
-            logits = self.reviewer.score(seq, draft)  # (len(draft) + 1, V)
             if params.greedy:
-                n, nxt = verify_greedy(draft, logits, self.lenience)
+                n, nxt = review_greedy(self.reviewer, seq, draft, self.lenience)
             else:
-                p = warp(logits, params)
+                p = warp(self.reviewer.score(seq, draft), params)  # (len(draft) + 1, V)
                 n, nxt = verify_sampling(draft, q, p, generator)
                 qs.append(p[: n + 1])
             self.drafters.feedback(n)
@@ -364,7 +363,19 @@ def verify_chain(
     """The target scores ``draft`` after ``ids`` in one forward; returns (accepted, recovered/bonus token)."""
     if not isinstance(target, Reviewer):
         raise CascadeError(f"the target stage {type(target).__name__} cannot verify drafts")
+    if params.greedy:
+        return review_greedy(target, ids, draft)
     return accept(draft, target.score(ids, draft), q, params, generator)
+
+
+def review_greedy(reviewer: Reviewer, ids: list[int], draft: list[int], lenience: float = 1.0) -> tuple[int, int]:
+    """A greedy review of ``draft`` after ``ids``: (accepted, recovered/bonus token). With nothing drafted,
+    the reviewer's one-token step (``greedy_next``) where it has one: the same token."""
+    if not draft:
+        nxt = reviewer.greedy_next(ids)
+        if nxt is not None:
+            return 0, nxt
+    return verify_greedy(draft, reviewer.score(ids, draft), lenience)
 
 
 def accept(

@@ -10,6 +10,7 @@ from conftest import decode, tiny_native
 from speculative_cascade import verify as verify_mod
 from speculative_cascade.cascade import ChainRound, Horizontal, Level, TreeRound, build_csd
 from speculative_cascade.decoding import StopChecker
+from speculative_cascade.engine import kernels
 from speculative_cascade.engine.quant import quantize_int4, quantize_int8
 from speculative_cascade.errors import CascadeError
 from speculative_cascade.sampling import SamplingParams
@@ -212,6 +213,51 @@ def test_runner_rolls_back_to_the_common_prefix():
     torch.testing.assert_close(a, again, atol=1e-4, rtol=1e-4)
     fresh = ModelStage(TARGET, 64).score([5, 6, 7, 8, 11], [12])
     torch.testing.assert_close(stage.score([5, 6, 7, 8, 11], [12]), fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_next_needs_the_cache_to_hold_all_but_the_last_token():
+    """The runner's one-token greedy step runs only where the cache holds ``ids[:-1]`` exactly, and
+    gives the argmax of the general path's logits; elsewhere it declines (None) and changes nothing."""
+    if kernels.get() is None:
+        pytest.skip("no C kernels: the one-token step is theirs")
+    stage = ModelStage(TARGET, 64)
+
+    def fresh_next(ids):
+        return int(ModelStage(TARGET, 64).score(ids, [])[-1].argmax())
+
+    ids = [5, 6, 7]
+    stage.prefill(ids[:-1])
+    t = stage.greedy_next(ids)
+    assert t == fresh_next(ids) and stage.runner.seq == ids
+    ids.append(t)
+    assert stage.greedy_next([5, 9, 7, t]) is None  # another sequence: the comparison finds it
+    stage.score(ids, [1, 2])  # the cache now holds ids and two drafted tokens beyond them
+    assert stage.greedy_next(ids) is None and stage.runner.length == len(ids) + 2
+    stage.commit(len(ids) - 1)  # the round kept none of the draft
+    assert stage.greedy_next(ids) == fresh_next(ids)
+    assert stage.stats.forwards == 3 and stage.stats.tokens_in == 1 + 3 + 1
+
+
+def test_autoregressive_decoding_is_greedy_by_whole_forwards(monkeypatch):
+    """Plain decoding (its rounds by the runner's one-token step, with the C kernels) emits the tokens
+    of greedy decoding by the model's general forward, and takes that step every round after the
+    prefill."""
+    from speculative_cascade.engine.transformer import Transformer
+
+    for prompt in PROMPTS:
+        cache = TARGET.new_cache(128)
+        logits = TARGET(torch.tensor([prompt]), cache)[0, -1]
+        ref = []
+        for _ in range(N):
+            ref.append(int(logits.argmax()))
+            logits = TARGET(torch.tensor([[ref[-1]]]), cache)[0, -1]
+        calls = []
+        forward = Transformer.forward
+        monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+        assert ar(prompt) == ref
+        monkeypatch.undo()
+        if kernels.get() is not None:
+            assert len(calls) == (1 if len(prompt) > 1 else 0)
 
 
 # -- sampling ------------------------------------------------------------------------------

@@ -201,6 +201,40 @@ def test_quantized_weights_stay_where_loaded():
     assert fp32.layers[1].feed_forward.w2.packed.data.data_ptr() > fp32.layers[0].attention_norm.weight.data_ptr()
 
 
+@pytest.mark.parametrize("variant", RUNNABLE)
+@pytest.mark.parametrize("embedding", ["fp32", "int8", "bf16"])
+def test_greedy_next_is_a_one_token_forward(variant, embedding):
+    """The one-token greedy step writes the logits of a one-token forward bit for bit, returns their
+    argmax and leaves the same keys and values, with the embedding table stored in each way."""
+    from speculative_cascade.engine.formats import PackedWeight
+    from speculative_cascade.engine.quant import quantize_weight
+
+    model = native_from_hf(hf_model("llama", seed=5, tie=False))
+    emb = model.tok_embeddings.weight
+    if embedding == "int8":
+        q, s = quantize_weight(emb)
+        model.tok_embeddings.use(PackedWeight.int8(q, s[:, None]))
+    elif embedding == "bf16":
+        model.tok_embeddings.use(PackedWeight.dense(emb.to(torch.bfloat16)))
+    prompt = torch.tensor([[5, 9, 2, 7]])
+    with kernels.use(variant):
+        a, b = model.new_cache(64), model.new_cache(64)
+        model(prompt, a)
+        model(prompt, b)
+        x, logits = torch.empty(model.args.dim), torch.empty(model.output.out_features)
+        token = 3
+        for _ in range(12):
+            ref = model(torch.tensor([[token]]), a)[0, -1]
+            nxt = model.greedy_next(token, b, x, logits)
+            assert torch.equal(logits, ref) and nxt == int(ref.argmax())
+            token = nxt
+        n = a.seqlens[0]
+        assert b.seqlens == [n] == [4 + 12]
+        assert torch.equal(a.k[:, :, :, :n], b.k[:, :, :, :n]) and torch.equal(a.v[:, :, :, :n], b.v[:, :, :, :n])
+    with kernels.disabled():
+        assert model.greedy_next(token, b, x, logits) is None and b.seqlens == [n]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_buffers_zeroed_and_apart(dtype):
     """The cache's keys and values: zeroed, contiguous, of the cache's dtype, and apart (a write to

@@ -33,9 +33,7 @@ def measure_forward_cost(
         times: dict[int, list[float]] = {n: [] for n in ns}
         for _ in range(reps):  # interleaved, so drifts of the machine hit every n alike
             for n in ns:
-                t0 = time.perf_counter()
-                stage.score(ctx, filler * (n - 1))
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(_one_token(stage, ctx) if n == 1 else _timed(stage, ctx, filler * (n - 1)))
         return {n: statistics.median(v) for n, v in times.items()}
 
     short = at(context)
@@ -45,6 +43,24 @@ def measure_forward_cost(
         extra = len(long_context) - len(context)
         slope = tuple((n, max(long[n] - short[n], 0.0) / extra) for n in ns)
     return ForwardCost(getattr(stage, "name", "stage"), tuple(short.items()), len(context), slope)
+
+
+def _timed(stage: Reviewer, ctx: list[int], draft: list[int]) -> float:
+    t0 = time.perf_counter()
+    stage.score(ctx, draft)
+    return time.perf_counter() - t0
+
+
+def _one_token(stage: Reviewer, ctx: list[int]) -> float:
+    """A one-token forward after ``ctx`` as a greedy round without drafts runs it: the stage's one-token
+    step where it has one (``greedy_next``), else ``score``."""
+    step, commit = getattr(stage, "greedy_next", None), getattr(stage, "commit", None)
+    if step is not None and commit is not None:
+        commit(len(ctx) - 1)  # the cache holds ctx[:-1]: what the step starts from
+    t0 = time.perf_counter()
+    if step is None or commit is None or step(ctx) is None:
+        stage.score(ctx, [])
+    return time.perf_counter() - t0
 
 
 def measure_target_cost(

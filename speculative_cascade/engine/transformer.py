@@ -197,14 +197,20 @@ class Embedding(PackedModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.numel() == 1 and self.packed.quantized:
-            token = int(tokens.item())
-            row = self._memo.get(token)
-            if row is None:
-                if (len(self._memo) + 1) * self.packed.shape[1] * 4 > self.MEMO_BYTES:
-                    self._memo.clear()
-                row = self._memo[token] = self.packed.rows(tokens.reshape(1))[0]
-            return row.view(*tokens.shape, -1).clone()  # a copy: the kernels add to it in place
+            return self.row(int(tokens.item())).view(*tokens.shape, -1).clone()  # a copy: the kernels add to it in place
         return self.packed.rows(tokens)
+
+    def row(self, token: int) -> torch.Tensor:
+        """The fp32 row of ``token``, (dim,) contiguous, to be read only: the stored row itself (fp32), else
+        its dequantized copy, kept."""
+        if self.packed.fmt == Format.F32:
+            return self.packed.data[token]
+        row = self._memo.get(token)
+        if row is None:
+            if (len(self._memo) + 1) * self.packed.shape[1] * 4 > self.MEMO_BYTES:
+                self._memo.clear()
+            row = self._memo[token] = self.packed.rows(torch.tensor([token]))[0]
+        return row
 
 
 class Attention(nn.Module):
@@ -387,6 +393,33 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self._full_vocab(self.output.forward(self.norm.forward(x)).float())
+
+    def greedy_next(self, token: int, cache: KVCache, x: torch.Tensor, logits: torch.Tensor) -> int | None:
+        """Feed ``token`` at the cache's cursor and return the argmax of its logits (the first, on ties),
+        or None where the fused kernels do not run this model on ``cache`` (the caller then takes
+        :meth:`forward`). The same kernel call as a one-token :meth:`forward`, so the same logits bit for
+        bit, without the tensors a general forward builds around it: the one-token greedy step of
+        decoding. Each of those tensor operations costs 25-45 us right after a forward, which has
+        evicted the interpreter's data from the caches (~4% of a token of the 4-bit target).
+        ``x`` (dim,) and ``logits`` (head rows,) are the caller's fp32 buffers, reused step to step."""
+        fused = self._fused_layers(cache)
+        if fused is None or cache.batch_size != 1:
+            return None
+        k, layers, dims, head = fused
+        start = cache.seqlens[0]
+        assert start < cache.max_seq_len, "KV cache overflow"
+        ctypes.memmove(x.data_ptr(), self.tok_embeddings.row(token).data_ptr(), self.args.dim * 4)
+        rot = self._rot_table(start + 1)
+        status = k.lib.sc_forward(
+            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), 1,
+            rot.data_ptr() + start * rot.stride(0) * rot.element_size(), None, cache.k.data_ptr(), cache.v.data_ptr(),
+            cache.k.stride(0), start, cache.max_seq_len, self.norm.weight.data_ptr(), ctypes.byref(head),
+            logits.data_ptr(), 1,
+        )
+        if status:
+            raise MemoryError("out of memory in the decoder kernels")
+        cache.seqlens[0] = start + 1
+        return int(logits.numpy().argmax())
 
     @torch.inference_mode()
     def forward_batch(self, items: list[tuple[torch.Tensor, KVCache]], last_only: bool = False) -> list[torch.Tensor]:

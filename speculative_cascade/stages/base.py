@@ -13,7 +13,8 @@ inherits:
   ``share_prefix(target, n)`` (start from the target's KV cache) and ``all_stats()``; each has a
   no-op default. A cascade level (``cascade.Level``) is a drafter made of stages.
 * :class:`Stage` - a drafter that is one model, with the :class:`StageStats` it alone writes.
-* :class:`Reviewer` - ``score(ids, draft) -> logits (len(draft) + 1, V)``: can verify drafts.
+* :class:`Reviewer` - ``score(ids, draft) -> logits (len(draft) + 1, V)``: can verify drafts;
+  ``greedy_next(ids)``: the argmax after ``ids`` alone, where the stage has a cheaper path for it.
 * :class:`TreeDrafter` - ``propose_tree(ids, n_nodes, width) -> (tokens, parents)``.
 * :class:`TreeScorer` - ``score_tree(ids, tokens, parents)`` and ``keep_path(ids, path, tokens)``.
 """
@@ -114,6 +115,10 @@ class Reviewer(ABC):
 
     @abstractmethod
     def score(self, ids: list[int], draft: list[int]) -> torch.Tensor: ...
+
+    def greedy_next(self, ids: list[int]) -> int | None:
+        """The argmax of ``score(ids, [])`` by a cheaper path where the stage has one, else None."""
+        return None
 
 
 class TreeDrafter(ABC):

@@ -25,6 +25,8 @@ class ModelRunner:
         self.cache = model.new_cache(max_len)
         self.device = model.device
         self.seq: list[int] = []  # the tokens whose keys/values are in the cache
+        self._synced: list[int] | None = None  # a caller's sequence that seq is known to be a prefix of
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # greedy_next's input and logits
 
     @property
     def length(self) -> int:
@@ -33,6 +35,7 @@ class ModelRunner:
     def reset(self) -> None:
         self.cache.truncate(0)
         self.seq = []
+        self._synced = None
 
     def _common_prefix(self, full: list[int]) -> int:
         s = self.seq
@@ -54,7 +57,32 @@ class ModelRunner:
         full, tokens = self.prepare(ids, extra)
         logits = self.model(tokens[None], self.cache, last_only=last_only)[0]
         self.seq = full
+        self._synced = None
         return logits
+
+    def greedy_next(self, ids: list[int]) -> int | None:
+        """The model's greedy next token after ``ids`` when the cache holds exactly ``ids[:-1]`` (a
+        decoding loop's round with nothing drafted), by the model's one-token step
+        (``Transformer.greedy_next``: the logits of :meth:`forward`, without its tensors); None
+        otherwise, or where the model has no such step. The caller's list is compared with
+        :attr:`seq` once; while it only grows at its end by the tokens this returns (as a decoding
+        loop's sequence does), the lengths say the rest."""
+        n = len(ids) - 1
+        seq = self.seq
+        if not (ids is self._synced and len(seq) == n == self.length):
+            if n < 0 or len(seq) != n or self.length != n or seq != ids[:n]:
+                return None
+        step = getattr(self.model, "greedy_next", None)
+        if step is None:
+            return None
+        if self._buffers is None:
+            self._buffers = (torch.empty(self.model.args.dim), torch.empty(self.model.output.out_features))
+        token = step(ids[-1], self.cache, *self._buffers)
+        if token is None:
+            return None
+        seq.append(ids[-1])
+        self._synced = ids
+        return token
 
     def prepare(self, ids: list[int], extra=()) -> tuple[list[int], torch.Tensor]:
         """Roll the cache back to what it shares with ``ids + extra``; return that sequence and the
@@ -96,6 +124,7 @@ class ModelRunner:
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         logits = self.model(feed, self.cache, positions=pos, tree_mask=mask[None].to(self.device))[0]
         self.seq = list(ids)  # the tree slots are not a sequence; keep_path makes them one
+        self._synced = None
         self._tree_base = len(ids)
         return logits[m - 1 :]
 
@@ -105,11 +134,14 @@ class ModelRunner:
         assert len(ids) == base, "keep_path must follow forward_tree on the same ids"
         self.cache.compact([base + j for j in path], base)
         self.seq = list(ids) + [tokens[j] for j in path]
+        self._synced = None
 
     def truncate(self, length: int) -> None:
         if length < self.length:
             self.cache.truncate(length)
-        del self.seq[length:]
+        if length < len(self.seq):
+            del self.seq[length:]
+            self._synced = None
 
 
 class ModelStage(Stage, Reviewer, TreeScorer):
@@ -144,6 +176,13 @@ class ModelStage(Stage, Reviewer, TreeScorer):
         self.count_call(len(ids) + len(extra) - min(before, len(ids) + len(extra) - 1), time.perf_counter() - t0)
         return logits
 
+    def greedy_next(self, ids: list[int]) -> int | None:
+        t0 = time.perf_counter()
+        token = self.runner.greedy_next(ids)
+        if token is not None:
+            self.count_call(1, time.perf_counter() - t0)
+        return token
+
     def prefill(self, ids: list[int]) -> None:
         """Feed ``ids`` into the cache (no logits kept beyond the last row); not counted as a forward."""
         self.runner.forward(ids, last_only=True)
@@ -166,19 +205,26 @@ class ModelStage(Stage, Reviewer, TreeScorer):
         """Draft ``k`` tokens autoregressively (greedy or sampled from the warped distribution)."""
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
+        if params.greedy:  # one list that grows by each token: after the first, each step feeds just that token
+            seq = list(ids)
+            for _ in range(k):
+                tok = self.greedy_next(seq)
+                if tok is None:
+                    tok = argmax_ids(self._forward(seq, last_only=True)[-1])[0]
+                tokens.append(tok)
+                seq.append(tok)
+            self.count_proposed(len(tokens))
+            return tokens, None
         logits = self._forward(ids, last_only=True)[-1]
         for i in range(k):
-            if params.greedy:
-                tok = argmax_ids(logits)[0]
-            else:
-                q = warp(logits, params)
-                tok = sample(q, generator)
-                qs.append(q)
+            q = warp(logits, params)
+            tok = sample(q, generator)
+            qs.append(q)
             tokens.append(tok)
             if i < k - 1:
                 logits = self._forward(ids + tokens, last_only=True)[-1]  # feeds just `tok`
         self.count_proposed(len(tokens))
-        return tokens, (torch.stack(qs) if qs else None)
+        return tokens, torch.stack(qs)
 
     def commit(self, n_committed: int) -> None:
         self.runner.truncate(n_committed)
