@@ -224,7 +224,7 @@ class ModelStage(Stage, Reviewer, TreeScorer):
             if i < k - 1:
                 logits = self._forward(ids + tokens, last_only=True)[-1]  # feeds just `tok`
         self.count_proposed(len(tokens))
-        return tokens, torch.stack(qs)
+        return tokens, (torch.stack(qs) if qs else None)
 
     def commit(self, n_committed: int) -> None:
         self.runner.truncate(n_committed)
