@@ -56,9 +56,13 @@ class ModelRunner:
         last ``len(extra) + 1`` rows."""
         full, tokens = self.prepare(ids, extra)
         logits = self.model(tokens[None], self.cache, last_only=last_only)[0]
+        self.fed(full)
+        return logits
+
+    def fed(self, full: list[int]) -> None:
+        """The cache now holds ``full`` (a forward after :meth:`prepare`, here or in a batch)."""
         self.seq = full
         self._synced = None
-        return logits
 
     def greedy_next(self, ids: list[int]) -> int | None:
         """The model's greedy next token after ``ids`` when the cache holds exactly ``ids[:-1]`` (a
@@ -252,7 +256,7 @@ class ModelStage(Stage, Reviewer, TreeScorer):
         mine.k[:, :, :, :n] = theirs.k[:, :, :, :n]
         mine.v[:, :, :, :n] = theirs.v[:, :, :, :n]
         mine.seqlens = [n] * mine.batch_size
-        self.runner.seq = list(target.runner.seq[:n])
+        self.runner.fed(list(target.runner.seq[:n]))
         return True
 
 
@@ -274,7 +278,7 @@ def score_batch(stages: list[ModelStage], ids: list[list[int]], drafts: list[lis
     total = sum(len(tokens) for _, tokens in prepared)
     out = []
     for st, (full, tokens), lg, d in zip(stages, prepared, logits, drafts):
-        st.runner.seq = full
+        st.runner.fed(full)
         st.count_call(len(tokens), elapsed * len(tokens) / total)
         out.append(lg[-(len(d) + 1) :])
     return out
@@ -288,4 +292,4 @@ def prefill_batch(stages: list[ModelStage], seqs: list[list[int]]) -> None:
     prepared = [st.runner.prepare(seq) for st, seq in todo]
     todo[0][0].model.forward_batch([(tokens, st.runner.cache) for (st, _), (_, tokens) in zip(todo, prepared)], last_only=True)
     for (st, _), (full, _) in zip(todo, prepared):
-        st.runner.seq = full
+        st.runner.fed(full)
