@@ -124,6 +124,26 @@ def test_chat_completions_equal_cascade_generate(server):
     assert usage is not None and usage.completion_tokens == 48
 
 
+def test_a_lone_request_takes_the_one_token_step(server, plain, monkeypatch):
+    """Alone in the batch, a greedy request's rounds without drafts are the target's one-token steps
+    (as `cascade generate` runs them), and its text is plain decoding's."""
+    from speculative_cascade.stages.neural import ModelRunner
+
+    want = plain(PROMPTS[1], 32)  # before counting: plain decoding takes the step too
+    taken = []
+    real = ModelRunner.greedy_next
+
+    def counted(self, ids):
+        token = real(self, ids)
+        taken.append(token is not None)
+        return token
+
+    monkeypatch.setattr(ModelRunner, "greedy_next", counted)
+    status, body, _ = post(server, "/v1/chat/completions", chat(PROMPTS[1], 32))
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+    assert sum(taken) >= 16, taken
+
+
 def test_async_client_and_text_completions(server, gen):
     async def run():
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..builder import build_round
-from ..cascade import ChainRound, Proposal, Round, accept
+from ..cascade import ChainRound, Proposal, Round, accept, verify_chain
 from ..config import CascadeConfig
 from ..decoding import Decoder, GenerationStats, StopChecker, check_context, eos_ids
 from ..errors import CascadeError
@@ -252,10 +252,17 @@ class BatchEngine:
         if not rows:
             return
         t0 = time.perf_counter()
+        reviews: list[tuple[int, int]] | None = None
         try:
-            logits = score_batch(
-                [r.stage for r, _ in rows], [r.decoder.ids for r, _ in rows], [props[id(r)].tokens for r, _ in rows]
-            )
+            if len(rows) == 1:  # alone: its round as a decoding loop runs it (greedy, nothing drafted: one kernel call)
+                alone = rows[0][0]
+                d, prop = alone.decoder, props[id(alone)]
+                reviews = [verify_chain(alone.stage, d.ids, prop.tokens, prop.q, d.params, d.generator)]
+                logits = [None]
+            else:
+                logits = score_batch(
+                    [r.stage for r, _ in rows], [r.decoder.ids for r, _ in rows], [props[id(r)].tokens for r, _ in rows]
+                )
         except Exception as e:  # noqa: BLE001 - the shared forward failed: end these requests, keep serving
             for r, _ in rows:
                 self._end(r.job, e, r)
@@ -269,7 +276,7 @@ class BatchEngine:
 
             def finish_round(r=r, rnd=rnd, prop=prop, lg=lg, share=share) -> None:
                 d = r.decoder
-                n, nxt = accept(prop.tokens, lg, prop.q, d.params, d.generator)
+                n, nxt = reviews[0] if reviews is not None else accept(prop.tokens, lg, prop.q, d.params, d.generator)
                 rnd.settle(prop, n, share)
                 res = prop.result(n, nxt, share)
                 self.observer.round(r.job, res)
