@@ -145,6 +145,7 @@ class SpeculativeGenerator:
         # one generation at a time: the stages' KV caches and statistics belong to one sequence,
         # so concurrent calls on one generator wait for each other (each gets its own output)
         self._lock = threading.Lock()
+        kernels.release_threads()  # see _generate_locked
 
     # -- prompts -------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
@@ -188,15 +189,22 @@ class SpeculativeGenerator:
             return self._generate_locked(ids, params, stopper, speculative, max_new_tokens, on_tokens)
 
     def _generate_locked(self, ids, params, stopper, speculative, max_new_tokens, on_tokens) -> list[int]:
-        out, self._stats = generate_tokens(
-            self._target_stage,
-            ids,
-            round=self._round if speculative and self._round is not None else ChainRound(),
-            max_new_tokens=max_new_tokens,
-            params=params,
-            stop=stopper,
-            on_tokens=on_tokens,
-        )
+        try:
+            out, self._stats = generate_tokens(
+                self._target_stage,
+                ids,
+                round=self._round if speculative and self._round is not None else ChainRound(),
+                max_new_tokens=max_new_tokens,
+                params=params,
+                stop=stopper,
+                on_tokens=on_tokens,
+            )
+        finally:
+            # The thread hands its OpenMP workers back (the next call makes them again, ~0.1 ms): a
+            # generator loaded in one thread and called from others, in turn, then never has two
+            # threads' pools alive at once, which on as many CPUs as one pool uses makes every
+            # barrier of a forward sleep (measured: decoding at half speed).
+            kernels.release_threads()
         self.last_token_ids = out
         return out
 

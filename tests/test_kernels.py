@@ -79,6 +79,40 @@ def test_kernels_are_in_use():
     assert k.variant == RUNNABLE[0]  # the best variant this CPU runs
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2, reason="counts threads in /proc")
+def test_release_threads_hands_the_openmp_workers_back():
+    """A thread that ran a parallel kernel holds OpenMP workers (threads of the process) until it hands
+    them back; a server's engine does so for the thread that loaded the model (see sc_release_threads)."""
+    import threading
+    import time
+
+    k = kernels.get()
+    if k is None:
+        pytest.skip("no C kernels")
+    buf = torch.ones(1 << 20)
+
+    def tasks() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    seen = {}
+
+    def work():
+        k.lib.sc_stream_sum(buf.data_ptr(), buf.numel())  # a parallel region: this thread's pool
+        seen["held"] = tasks()
+        kernels.release_threads()
+        end = time.monotonic() + 5
+        while tasks() >= seen["held"] and time.monotonic() < end:
+            time.sleep(0.01)
+        seen["after"] = tasks()
+        k.lib.sc_stream_sum(buf.data_ptr(), buf.numel())  # and the kernels still run: a new pool
+        seen["again"] = tasks()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["after"] < seen["held"] <= seen["again"], seen
+
+
 # -- products ----------------------------------------------------------------------------------
 
 

@@ -144,6 +144,19 @@ def test_a_lone_request_takes_the_one_token_step(server, plain, monkeypatch):
     assert sum(taken) >= 16, taken
 
 
+def test_the_engine_takes_the_forwards_from_the_thread_that_made_it(gen, monkeypatch):
+    """The thread that builds the engine (and loaded the model) hands its OpenMP workers back, so that
+    the scheduler thread's pool is the only one (two pools on two CPUs: a forward's barriers sleep)."""
+    from speculative_cascade.engine import kernels
+    from speculative_cascade.serve.batching import BatchEngine
+
+    calls = []
+    monkeypatch.setattr(kernels, "release_threads", lambda: calls.append(threading.current_thread()))
+    engine = BatchEngine(gen.target, gen.tokenizer, None, max_len=256)
+    assert calls == [threading.current_thread()]
+    assert engine.drain(10)
+
+
 def test_async_client_and_text_completions(server, gen):
     async def run():
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)

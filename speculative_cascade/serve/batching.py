@@ -29,6 +29,7 @@ from ..builder import build_round
 from ..cascade import ChainRound, Proposal, Round, accept, verify_chain
 from ..config import CascadeConfig
 from ..decoding import Decoder, GenerationStats, StopChecker, check_context, eos_ids
+from ..engine import kernels
 from ..errors import CascadeError
 from ..sampling import SamplingParams
 from ..stages.neural import ModelStage, prefill_batch, score_batch
@@ -105,6 +106,10 @@ class BatchEngine:
         self._running: list[Row] = []
         self._cv = threading.Condition()
         self._closing = False
+        # The scheduler thread runs every forward from here on: this thread (which loaded the model)
+        # hands its OpenMP workers back, or the runtime, seeing two pools on as many CPUs as one
+        # needs, makes every barrier of a forward sleep (a lone request decoded at half speed).
+        kernels.release_threads()
         self._thread = threading.Thread(target=self._loop, name="cascade-scheduler", daemon=True)
         self._thread.start()
 
@@ -253,12 +258,12 @@ class BatchEngine:
             return
         t0 = time.perf_counter()
         reviews: list[tuple[int, int]] | None = None
+        logits: list = [None]  # each sequence's scores (alone: its review, in ``reviews``)
         try:
             if len(rows) == 1:  # alone: its round as a decoding loop runs it (greedy, nothing drafted: one kernel call)
                 alone = rows[0][0]
                 d, prop = alone.decoder, props[id(alone)]
                 reviews = [verify_chain(alone.stage, d.ids, prop.tokens, prop.q, d.params, d.generator)]
-                logits = [None]
             else:
                 logits = score_batch(
                     [r.stage for r, _ in rows], [r.decoder.ids for r, _ in rows], [props[id(r)].tokens for r, _ in rows]

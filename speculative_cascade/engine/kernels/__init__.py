@@ -140,6 +140,8 @@ class Kernels:
         lib.sc_forward_batch.restype = ctypes.c_int
         lib.sc_stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
         lib.sc_stream_sum.restype = ctypes.c_float
+        lib.sc_release_threads.argtypes = []
+        lib.sc_release_threads.restype = None
         st = path.stat()
         return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass(), f"{st.st_size:x}-{int(st.st_mtime):x}")
 
@@ -227,6 +229,15 @@ def get(variant: str | None = None) -> Kernels | None:
     return _cache["auto"]
 
 
+def release_threads() -> None:
+    """Hand the calling thread's OpenMP workers back (``sc_release_threads``): for a thread that has run
+    kernels (or PyTorch's parallel operations, on the same runtime) and leaves the forwards to another
+    one, such as a server's scheduler. Its next kernel call makes them again."""
+    k = get()
+    if k is not None:
+        k.lib.sc_release_threads()
+
+
 def status() -> dict:
     """What ``cascade info`` shows: variant in use, built, runnable, and why none if none."""
     k = get()
@@ -277,4 +288,4 @@ def cpu_name() -> str:
     return platform.processor() or machine()
 
 
-__all__ = ["Kernels", "SCMat", "SCDims", "SCLayer", "get", "status", "disabled", "use", "cpu_name", "FLAGS"]
+__all__ = ["Kernels", "SCMat", "SCDims", "SCLayer", "get", "status", "disabled", "use", "cpu_name", "release_threads", "FLAGS"]
