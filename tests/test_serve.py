@@ -144,9 +144,10 @@ def test_a_lone_request_takes_the_one_token_step(server, plain, monkeypatch):
     assert sum(taken) >= 16, taken
 
 
-def test_the_engine_takes_the_forwards_from_the_thread_that_made_it(gen, monkeypatch):
-    """The thread that builds the engine (and loaded the model) hands its OpenMP workers back, so that
-    the scheduler thread's pool is the only one (two pools on two CPUs: a forward's barriers sleep)."""
+def test_the_engine_takes_the_forwards_from_the_threads_that_prepare_them(gen, monkeypatch):
+    """The thread that builds the engine (and loaded the model) hands its OpenMP workers back, and so
+    does one that built a request's round, so that the scheduler thread's pool is the only one (two
+    pools on two CPUs: a forward's barriers sleep)."""
     from speculative_cascade.engine import kernels
     from speculative_cascade.serve.batching import BatchEngine
 
@@ -154,6 +155,11 @@ def test_the_engine_takes_the_forwards_from_the_thread_that_made_it(gen, monkeyp
     monkeypatch.setattr(kernels, "release_threads", lambda: calls.append(threading.current_thread()))
     engine = BatchEngine(gen.target, gen.tokenizer, None, max_len=256)
     assert calls == [threading.current_thread()]
+    # and so does a thread that built a request's round (building a draft runs parallel work there)
+    builder = threading.Thread(target=engine.make_round, args=(None,))
+    builder.start()
+    builder.join()
+    assert calls[1:] == [builder]
     assert engine.drain(10)
 
 

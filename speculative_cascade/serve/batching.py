@@ -117,6 +117,7 @@ class BatchEngine:
     def make_round(self, config: CascadeConfig | None) -> Round:
         """A fresh round for one request (its stages' caches are its own; models are shared)."""
         rnd, _ = build_round(config, self.target, self.max_len, shared=self._shared, progress=False)
+        kernels.release_threads()  # building a draft (an INT8 copy) ran parallel work in this thread: see __init__
         return rnd
 
     def check(self, prompt_len: int, max_new_tokens: int, rnd: Round) -> None:
