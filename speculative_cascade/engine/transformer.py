@@ -405,19 +405,12 @@ class Transformer(nn.Module):
         fused = self._fused_layers(cache)
         if fused is None or cache.batch_size != 1:
             return None
-        k, layers, dims, head = fused
         start = cache.seqlens[0]
         assert start < cache.max_seq_len, "KV cache overflow"
         ctypes.memmove(x.data_ptr(), self.tok_embeddings.row(token).data_ptr(), self.args.dim * 4)
         rot = self._rot_table(start + 1)
-        status = k.lib.sc_forward(
-            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), 1,
-            rot.data_ptr() + start * rot.stride(0) * rot.element_size(), None, cache.k.data_ptr(), cache.v.data_ptr(),
-            cache.k.stride(0), start, cache.max_seq_len, self.norm.weight.data_ptr(), ctypes.byref(head),
-            logits.data_ptr(), 1,
-        )
-        if status:
-            raise MemoryError("out of memory in the decoder kernels")
+        self._sc_forward(fused, x, 1, rot.data_ptr() + start * rot.stride(0) * rot.element_size(), None, cache, 0,
+                         logits, 1)
         cache.seqlens[0] = start + 1
         return int(logits.numpy().argmax())
 
@@ -501,16 +494,21 @@ class Transformer(nn.Module):
         """Every layer, the final norm and the head for one row in one ``sc_forward`` call:
         tokens (T,) -> logits (n_out, vocab) of the last n_out tokens, written into ``logits``.
         rot: (T, hd/2, 2) contiguous (cos, sin) of each token's position."""
-        k, layers, dims, head = fused
-        T = tokens.shape[0]
         x = self.tok_embeddings.forward(tokens).contiguous()  # (T, dim)
         mask = None if tree_mask is None else tree_mask[row].to(torch.uint8).contiguous()
-        kv_row = cache.k.stride(1) * row * 4
+        self._sc_forward(fused, x, tokens.shape[0], rot.data_ptr(), None if mask is None else mask.data_ptr(), cache,
+                         row, logits, logits.shape[0])
+
+    def _sc_forward(self, fused, x: torch.Tensor, T: int, rot_ptr: int, mask_ptr: int | None, cache: KVCache, row: int,
+                    logits: torch.Tensor, n_out: int) -> None:
+        """The ``sc_forward`` call: ``x`` (T, dim) in place through every layer against row ``row`` of the
+        cache (from its cursor), the logits of the last ``n_out`` tokens into ``logits``."""
+        k, layers, dims, head = fused
+        kv_row = cache.k.stride(1) * row * cache.k.element_size()
         status = k.lib.sc_forward(
-            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), T, rot.data_ptr(),
-            None if mask is None else mask.data_ptr(), cache.k.data_ptr() + kv_row, cache.v.data_ptr() + kv_row,
-            cache.k.stride(0), cache.seqlens[row], cache.max_seq_len,
-            self.norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(), logits.shape[0],
+            layers, self.args.n_layers, ctypes.byref(dims), x.data_ptr(), T, rot_ptr, mask_ptr,
+            cache.k.data_ptr() + kv_row, cache.v.data_ptr() + kv_row, cache.k.stride(0), cache.seqlens[row],
+            cache.max_seq_len, self.norm.weight.data_ptr(), ctypes.byref(head), logits.data_ptr(), n_out,
         )
         if status:
             raise MemoryError("out of memory in the decoder kernels")
