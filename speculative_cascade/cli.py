@@ -455,6 +455,9 @@ def bench_serve(
         "short", "--prompt-set", help="'short' (shipped one-line instructions) or 'spec-bench' (one per category)."
     ),
     modes: str = typer.Option("cascade,plain", "--modes", help="'cascade' (the default cascade) and/or 'plain'."),
+    repeats: int = typer.Option(
+        3, "--repeats", help="Runs of each mode at each level (the modes take turns); the median run counts."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures here as JSON."),
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Write the table here as Markdown."),
 ) -> None:
@@ -475,8 +478,8 @@ def bench_serve(
         chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
         if not chosen or set(chosen) - {"cascade", "plain"}:
             raise CascadeError("--modes takes 'cascade' and/or 'plain'")
-        if max_tokens < 1 or max_batch < 1 or n_prompts < 1:
-            raise CascadeError("--max-tokens, --max-batch and --prompts must be >= 1")
+        if max_tokens < 1 or max_batch < 1 or n_prompts < 1 or repeats < 1:
+            raise CascadeError("--max-tokens, --max-batch, --prompts and --repeats must be >= 1")
         bench_prompts(n_prompts, prompt_set)  # a bad prompt set fails before the model loads
         gen = SpeculativeGenerator(target, max_len=1024, precision=precision)
     kern = kernels.get()
@@ -494,7 +497,7 @@ def bench_serve(
     typer.echo(f"bench-serve on {where}; cascade: {desc}; {max_tokens} tokens per request", err=True)
     points = run_serving_bench(
         gen, clients=levels, max_tokens=max_tokens, max_batch=max_batch, n_prompts=n_prompts, modes=chosen,
-        prompt_set=prompt_set, progress=show,
+        prompt_set=prompt_set, repeats=repeats, progress=show,
     )
     table = markdown(
         points, f"Server throughput ({where}; cascade: {desc}; {prompt_set} prompts, {max_tokens} tokens per request, greedy)"

@@ -462,3 +462,27 @@ def test_sigterm_drains_running_requests():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_bench_serve_takes_turns_and_reports_the_median_run(gen, monkeypatch):
+    """`cascade bench-serve`: at each level the modes alternate (who goes first rotates), each runs
+    `repeats` times, and the figures are its median run's; every output equals the lowest level's."""
+    from speculative_cascade.bench import serving
+
+    order: list[tuple[int, str]] = []
+    real_run = asyncio.run
+
+    def spy(coro):
+        frame = coro.cr_frame
+        order.append((frame.f_locals["n"], frame.f_locals["mode"]))
+        return real_run(coro)
+
+    monkeypatch.setattr(serving.asyncio, "run", spy)
+    points = serving.run_serving_bench(gen, clients=(1, 2), max_tokens=6, n_prompts=2, repeats=3)
+    assert order[0] == (2, "cascade")  # the warm-up, at the largest level
+    assert order[1:] == [(1, "cascade"), (1, "plain"), (1, "plain"), (1, "cascade"), (1, "cascade"), (1, "plain"),
+                         (2, "plain"), (2, "cascade"), (2, "cascade"), (2, "plain"), (2, "plain"), (2, "cascade")]
+    assert [(p.clients, p.mode, p.runs) for p in points] == [(1, "cascade", 3), (2, "cascade", 3), (1, "plain", 3), (2, "plain", 3)]
+    assert all(p.identical and p.tokens == 6 * p.clients and p.tokens_per_s > 0 for p in points)
+    md = serving.markdown(points, "title")
+    assert "| 1 | cascade |" in md and "| vs plain |" in md and md.count(" - |") >= 2

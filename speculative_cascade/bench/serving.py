@@ -2,7 +2,9 @@
 and with plain decoding, through the OpenAI client against a server on localhost (``cascade bench-serve``).
 
 Each client sends one streaming chat completion (greedy); a level's figure is every client's
-completion tokens over the wall time from the first request to the last token. Beside it: the
+completion tokens over the wall time from the first request to the last token. At each level the
+modes take turns (who goes first rotates), ``repeats`` times each, and each mode's median run
+counts, so that the cascade and plain decoding are measured side by side. Beside it: the
 median time to first token, the drafted tokens the target verified per sequence and round (the
 adaptive round shrinks it as the batch grows: verification stops being free), the acceptance, and
 whether every output equals the same prompt's output at the lowest level, in either mode (batching
@@ -31,6 +33,7 @@ class ServingPoint:
     drafted_per_round: float  # drafted tokens verified per sequence and round
     acceptance: float
     identical: bool  # every output equals its prompt's first output (fewest clients; cascade and plain alike)
+    runs: int = 1  # runs of this mode at this level; the median one's figures (counters: all runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +60,7 @@ def run_serving_bench(
     n_prompts: int = 8,
     modes: tuple[str, ...] = ("cascade", "plain"),
     prompt_set: str = "short",
+    repeats: int = 3,
     progress=None,
 ) -> list[ServingPoint]:
     """Start a server for ``generator`` on a free localhost port and load it; see the module docstring."""
@@ -113,31 +117,43 @@ def run_serving_bench(
         # in: after a one-client warm-up, whichever mode ran first came out 10-40% slower at 4-64 clients)
         asyncio.run(level(max(clients), modes[0]))
         first: dict[int, str] = {}  # prompt -> its output at the lowest level, either mode
-        for mode in modes:
-            for n in clients:
-                before = {k: sample(k) for k in _COUNTERS}
-                texts, tokens, ttfts, wall = asyncio.run(level(n, mode))
-                d = {k: sample(k) - v for k, v in before.items()}
-                same = True
-                for i, t in enumerate(texts):  # the first output seen for a prompt is its reference
-                    same &= first.setdefault(i % len(prompts), t) == t
+        turn = 0
+        for n in clients:
+            runs: dict[str, list[tuple[float, int, list[float]]]] = {m: [] for m in modes}
+            counts = {m: dict.fromkeys(_COUNTERS, 0.0) for m in modes}
+            same = dict.fromkeys(modes, True)
+            for _ in range(repeats):
+                for mode in modes[turn % len(modes):] + modes[: turn % len(modes)]:
+                    before = {k: sample(k) for k in _COUNTERS}
+                    texts, tokens, ttfts, wall = asyncio.run(level(n, mode))
+                    for k, v in before.items():
+                        counts[mode][k] += sample(k) - v
+                    for i, t in enumerate(texts):  # the first output seen for a prompt is its reference
+                        same[mode] &= first.setdefault(i % len(prompts), t) == t
+                    runs[mode].append((wall, sum(tokens), ttfts))
+                turn += 1
+            for mode in modes:
+                wall, tokens, ttfts = sorted(runs[mode], key=lambda r: r[0])[(len(runs[mode]) - 1) // 2]
+                d = counts[mode]
                 rounds = d["cascade:batch_sequences_sum"]
                 drafted = d["cascade:spec_decode_num_draft_tokens_total"]
                 points.append(
                     ServingPoint(
                         clients=n,
                         mode=mode,
-                        tokens=sum(tokens),
+                        tokens=tokens,
                         seconds=wall,
-                        tokens_per_s=sum(tokens) / wall,
+                        tokens_per_s=tokens / wall,
                         ttft_p50_s=statistics.median(ttfts),
                         drafted_per_round=drafted / rounds if rounds else 0.0,
                         acceptance=d["cascade:spec_decode_num_accepted_tokens_total"] / drafted if drafted else 0.0,
-                        identical=same,
+                        identical=same[mode],
+                        runs=len(runs[mode]),
                     )
                 )
                 if progress is not None:
                     progress(points[-1])
+        points.sort(key=lambda p: modes.index(p.mode))  # the table: each mode's levels together
     finally:
         server.stop()
     return points
@@ -154,14 +170,16 @@ def markdown(points: list[ServingPoint], header: str) -> str:
     lines = [
         header,
         "",
-        "| clients | mode | tokens | seconds | total tok/s | vs 1 client | TTFT p50 (s) | drafted/round | acceptance | identical |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| clients | mode | tokens | seconds | total tok/s | vs 1 client | vs plain | TTFT p50 (s) | drafted/round | acceptance | identical |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base = {p.mode: p.tokens_per_s for p in points if p.clients == min(q.clients for q in points)}
+    plain = {p.clients: p.tokens_per_s for p in points if p.mode == "plain"}
     for p in points:
+        vs_plain = f"{p.tokens_per_s / plain[p.clients]:.2f}x" if p.mode != "plain" and p.clients in plain else "-"
         lines.append(
             f"| {p.clients} | {p.mode} | {p.tokens} | {p.seconds:.1f} | {p.tokens_per_s:.1f} | "
-            f"{p.tokens_per_s / base[p.mode]:.2f}x | {p.ttft_p50_s:.2f} | {p.drafted_per_round:.2f} | "
+            f"{p.tokens_per_s / base[p.mode]:.2f}x | {vs_plain} | {p.ttft_p50_s:.2f} | {p.drafted_per_round:.2f} | "
             f"{p.acceptance:.1%} | {'yes' if p.identical else 'NO'} |"
         )
     return "\n".join(lines)
