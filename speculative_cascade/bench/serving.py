@@ -70,6 +70,7 @@ def run_serving_bench(
     from ..serve.app import LocalServer  # noqa: I001 - fastapi and uvicorn, the serve extra
 
     prompts = bench_prompts(n_prompts, prompt_set)
+    modes = tuple(dict.fromkeys(modes))  # each mode once, in the order given
     app = create_app(generator, model_name="bench", max_batch=max_batch, max_queue=max(max(clients), 1) * 2)
     server = LocalServer(app)
     metrics = app.state.server.metrics
