@@ -258,13 +258,13 @@ class BatchEngine:
         if not rows:
             return
         t0 = time.perf_counter()
-        reviews: list[tuple[int, int]] | None = None
-        logits: list = [None]  # each sequence's scores (alone: its review, in ``reviews``)
+        review: tuple[int, int] | None = None  # alone: its review
+        logits: list = [None]  # each sequence's scores (alone: none)
         try:
             if len(rows) == 1:  # alone: its round as a decoding loop runs it (greedy, nothing drafted: one kernel call)
                 alone = rows[0][0]
                 d, prop = alone.decoder, props[id(alone)]
-                reviews = [verify_chain(alone.stage, d.ids, prop.tokens, prop.q, d.params, d.generator)]
+                review = verify_chain(alone.stage, d.ids, prop.tokens, prop.q, d.params, d.generator)
             else:
                 logits = score_batch(
                     [r.stage for r, _ in rows], [r.decoder.ids for r, _ in rows], [props[id(r)].tokens for r, _ in rows]
@@ -282,7 +282,7 @@ class BatchEngine:
 
             def finish_round(r=r, rnd=rnd, prop=prop, lg=lg, share=share) -> None:
                 d = r.decoder
-                n, nxt = reviews[0] if reviews is not None else accept(prop.tokens, lg, prop.q, d.params, d.generator)
+                n, nxt = review if review is not None else accept(prop.tokens, lg, prop.q, d.params, d.generator)
                 rnd.settle(prop, n, share)
                 res = prop.result(n, nxt, share)
                 self.observer.round(r.job, res)

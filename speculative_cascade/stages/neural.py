@@ -34,8 +34,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.cache.truncate(0)
-        self.seq = []
-        self._synced = None
+        self.fed([])
 
     def _common_prefix(self, full: list[int]) -> int:
         s = self.seq
@@ -127,8 +126,7 @@ class ModelRunner:
         feed = torch.tensor([ids[n:] + tokens], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         logits = self.model(feed, self.cache, positions=pos, tree_mask=mask[None].to(self.device))[0]
-        self.seq = list(ids)  # the tree slots are not a sequence; keep_path makes them one
-        self._synced = None
+        self.fed(list(ids))  # the tree slots are not a sequence; keep_path makes them one
         self._tree_base = len(ids)
         return logits[m - 1 :]
 
@@ -137,8 +135,7 @@ class ModelRunner:
         base = self._tree_base
         assert len(ids) == base, "keep_path must follow forward_tree on the same ids"
         self.cache.compact([base + j for j in path], base)
-        self.seq = list(ids) + [tokens[j] for j in path]
-        self._synced = None
+        self.fed(list(ids) + [tokens[j] for j in path])
 
     def truncate(self, length: int) -> None:
         if length < self.length:

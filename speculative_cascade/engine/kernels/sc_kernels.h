@@ -620,18 +620,13 @@ static __attribute__((noinline)) void q4_block_passes(const sc_mat *W, const flo
  * matrix of 538 MB, rows of 576), and the fp32 target's one-token forwards 15-19% faster in the
  * VM's fast bandwidth state, ~7-10% in its slow one, with avx512 and avx2 alike. A function of its
  * own, so that the blocks' code is the same as without it. */
-#define ROW1_LOOP(F) for (int n = n0; n < n1; n++) tile_pf(F, 1, 1, 0, W, x, W->k, NULL, y, W->n, n)
 static __attribute__((noinline)) void par_row1_dense(const sc_mat *W, const float *x, float *y) {
-#ifdef _OPENMP
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    int nt = 1, t = 0;
-#endif
-    int n0 = (int)((long long)W->n * t / nt), n1 = (int)((long long)W->n * (t + 1) / nt);
-    if (W->fmt == SC_F32) ROW1_LOOP(SC_F32);
-    else if (W->fmt == SC_F16) ROW1_LOOP(SC_F16);
-    else ROW1_LOOP(SC_BF16);
-#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int n = 0; n < W->n; n++) {
+        if (W->fmt == SC_F32) tile_pf(SC_F32, 1, 1, 0, W, x, W->k, NULL, y, W->n, n);
+        else if (W->fmt == SC_F16) tile_pf(SC_F16, 1, 1, 0, W, x, W->k, NULL, y, W->n, n);
+        else tile_pf(SC_BF16, 1, 1, 0, W, x, W->k, NULL, y, W->n, n);
+    }
 }
 #endif
 
