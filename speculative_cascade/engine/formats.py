@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
+from . import pages
+
 
 class Format(IntEnum):
     F32 = 0
@@ -45,9 +47,20 @@ class Format(IntEnum):
     I8 = 3
     Q4 = 4
     I8Q8 = 5
+    QR = 6
+    RAW = 7
 
 
-_QUANTIZED = (Format.I8, Format.Q4, Format.I8Q8)
+_QUANTIZED = (Format.I8, Format.Q4, Format.I8Q8, Format.QR, Format.RAW)
+# GGUF types the QR layout holds (kernels/sc_qr.h): type -> (QR type, inputs per activation scale)
+QR_TYPES = {
+    GGMLQuantizationType.Q4_0: (0, 32),
+    GGMLQuantizationType.Q4_1: (1, 32),
+    GGMLQuantizationType.Q8_0: (2, 32),
+    GGMLQuantizationType.Q4_K: (3, 256),
+    GGMLQuantizationType.Q6_K: (4, 256),
+}
+QR_ROWS = 16
 Q8_BLOCK = 32  # I8Q8: activation inputs per scale
 Q4_ROWS = 8  # rows interleaved per block in the Q4 layout
 _TORCH_DTYPE = {Format.F32: torch.float32, Format.F16: torch.float16, Format.BF16: torch.bfloat16}
@@ -60,6 +73,9 @@ class PackedWeight:
     sm: torch.Tensor | None  # (N, K / group, 2): scale, min (quantized formats only); fp16 where exact, else fp32
     group: int  # inputs per (scale, min) pair; K when unquantized
     shape: tuple[int, int]  # (N, K)
+    qtype: int = -1  # QR: the layout's type (sc_qr.h); RAW: the GGUF type
+    tail: "PackedWeight | None" = None  # QR: further rows in another QR type (a fused q/k/v)
+    rope_ordered: bool = False  # q/k rows already in the decoder's interleaved RoPE order
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -104,6 +120,36 @@ class PackedWeight:
         sm = _compact(sm.float()).reshape(N // Q4_ROWS, Q4_ROWS, G, 2).transpose(1, 2).contiguous()
         return cls(Format.Q4, data, sm, 32, (N, 2 * half))
 
+    @classmethod
+    def qr(cls, data: np.ndarray, qtype, shape: tuple[int, int], rows: np.ndarray | None = None) -> "PackedWeight | None":
+        """GGUF blocks ``data`` (one row of blocks per row) repacked for integer dot products with
+        int8 activations (Format.QR, kernels/sc_qr.h), rows taken in the order ``rows`` (None: as
+        stored); without copying the file's values to fp32. None where the layout cannot hold them
+        (another type, K not a multiple of its super-block, no kernels, a Q8_0 code of -128)."""
+        k = _any_kernels()
+        if k is None or qtype not in QR_TYPES:
+            return None
+        qt, S = QR_TYPES[qtype]
+        N, K = shape
+        nbytes = k.lib.sc_qr_bytes(qt, N, K)
+        if nbytes < 0:
+            return None
+        raw = np.ascontiguousarray(data)
+        order = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
+        out = pages.block(int(nbytes))
+        rc = k.lib.sc_qr_repack(qt, raw.ctypes.data, None if order is None else order.ctypes.data, N, K, out.data_ptr())
+        if rc != 0:
+            return None
+        return cls(Format.QR, out, None, S, (N, K), qt)
+
+    @classmethod
+    def raw(cls, data: np.ndarray, qtype, shape: tuple[int, int]) -> "PackedWeight":
+        """GGUF blocks kept as stored, row by row (Format.RAW): an embedding table whose lookups
+        dequantize the rows they read (the ``gguf`` package), never a kernel's matrix."""
+        N, K = shape
+        t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(N, -1).copy())
+        return cls(Format.RAW, t, None, K, (N, K), int(qtype))
+
     # -- reading -------------------------------------------------------------------------
     @property
     def quantized(self) -> bool:
@@ -128,6 +174,12 @@ class PackedWeight:
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         """The fp32 matrix (or some of its rows), exactly as the kernels see it."""
+        if self.fmt == Format.QR:
+            return self._qr_dequantize()[rows]
+        if self.fmt == Format.RAW:
+            idx = torch.arange(self.shape[0])[rows].reshape(-1).numpy()
+            w = dequantize(self.data.numpy()[idx], GGMLQuantizationType(self.qtype))
+            return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(len(idx), self.shape[1]))
         if not self.quantized:
             return self.data[rows].float()
         q = self.codes(rows)
@@ -139,9 +191,27 @@ class PackedWeight:
         w = (q.double() * sm[..., :1].double() + sm[..., 1:].double()).float()
         return w.reshape(n, K)
 
+    def _qr_dequantize(self, row0: int = 0, n: int | None = None) -> torch.Tensor:
+        """QR rows row0..row0+n-1 (all: the matrix and its tail) as fp32, from the kernels."""
+        if n is None:
+            parts, p = [], self
+            while p is not None:
+                own = p.shape[0] - (p.tail.shape[0] if p.tail is not None else 0)
+                parts.append(p._qr_dequantize(0, own))
+                p = p.tail
+            return torch.cat(parts)
+        out = torch.empty(n, self.shape[1])
+        _any_kernels().lib.sc_qr_dequant(self.qtype, self.data.data_ptr(), self.shape[1], row0, n, out.data_ptr())
+        return out
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: dequantized rows ``ids`` (any shape) -> (*ids.shape, K)."""
         flat = ids.reshape(-1)
+        if self.fmt == Format.QR and self.tail is None:
+            out = torch.cat([self._qr_dequantize(int(i), 1) for i in flat]) if flat.numel() else torch.empty(0, self.shape[1])
+            return out.view(*ids.shape, self.shape[1])
+        if self.fmt in (Format.QR, Format.RAW):
+            return self.dequantize(flat).view(*ids.shape, self.shape[1])
         if self.quantized and flat.numel() <= 64 and self.data.device.type == "cpu":
             return self._few_rows(flat.cpu().numpy()).view(*ids.shape, self.shape[1])
         return self.dequantize(flat).view(*ids.shape, self.shape[1])
@@ -168,14 +238,17 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.nbytes)
+        own = self.data.numel() * self.data.element_size() + (0 if self.sm is None else self.sm.nbytes)
+        return own + (0 if self.tail is None else self.tail.nbytes)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.data] + ([] if self.sm is None else [self.sm])
+        return [self.data] + ([] if self.sm is None else [self.sm]) + ([] if self.tail is None else self.tail.tensors())
 
     # -- reshaping -----------------------------------------------------------------------
     def select_rows(self, perm: torch.Tensor) -> "PackedWeight":
-        """Rows reordered (exact in every format)."""
+        """Rows reordered (exact in every format; QR and RAW: through fp32, then I8 of the values)."""
+        if self.fmt in (Format.QR, Format.RAW):
+            return PackedWeight.dense(self.dequantize()[perm])
         if self.fmt == Format.Q4:
             b, sm = self._q4_rows(perm)
             return PackedWeight.q4(b.reshape(len(perm), -1), sm)
@@ -183,7 +256,12 @@ class PackedWeight:
                             self.sm[perm].contiguous(), self.group, (len(perm), self.shape[1]))
 
     def first_rows(self, n: int) -> "PackedWeight":
-        """The first ``n`` rows, sharing memory (Q4: n a multiple of 8)."""
+        """The first ``n`` rows, sharing memory (Q4: n a multiple of 8; QR: of 16)."""
+        if self.fmt == Format.QR:
+            assert n % QR_ROWS == 0 and self.tail is None
+            per_block = self.data.numel() // -(-self.shape[0] // QR_ROWS)
+            return PackedWeight(self.fmt, self.data[: n // QR_ROWS * per_block], None, self.group,
+                                (n, self.shape[1]), self.qtype)
         if self.fmt == Format.Q4:
             assert n % Q4_ROWS == 0
             return PackedWeight(self.fmt, self.data[: n // Q4_ROWS], self.sm[: n // Q4_ROWS], self.group,
@@ -210,8 +288,28 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def concat(parts: list[PackedWeight]) -> PackedWeight:
-    """Stack matrices along N (fused q/k/v, gate/up). Mixed formats meet in the narrowest exact
-    common one: quantized ones as I8 with the smallest group; otherwise fp32."""
+    """Stack matrices along N (fused q/k/v, gate/up). QR matrices chain (each keeps its type; runs
+    of one type are joined). Mixed formats meet in the narrowest exact common one: quantized ones
+    as I8 with the smallest group; otherwise fp32."""
+    if all(p.fmt == Format.QR and p.tail is None for p in parts) and {p.shape[1] for p in parts} == {parts[0].shape[1]}:
+        K = parts[0].shape[1]
+        runs: list[PackedWeight] = []
+        for p in parts:  # consecutive parts of one type: one matrix (whole blocks of rows)
+            if runs and runs[-1].qtype == p.qtype and runs[-1].shape[0] % QR_ROWS == 0:
+                q = runs[-1]
+                data = pages.block(q.data.numel() + p.data.numel())
+                data[: q.data.numel()] = q.data
+                data[q.data.numel():] = p.data
+                runs[-1] = PackedWeight(Format.QR, data, None, q.group,
+                                        (q.shape[0] + p.shape[0], K), q.qtype)
+            else:
+                runs.append(p)
+        out = runs[-1]
+        for p in reversed(runs[:-1]):
+            out = PackedWeight(Format.QR, p.data, None, p.group, (p.shape[0] + out.shape[0], K), p.qtype, out)
+        return out
+    if any(p.fmt in (Format.QR, Format.RAW) for p in parts):
+        parts = [PackedWeight.dense(p.dequantize()) if p.fmt in (Format.QR, Format.RAW) else p for p in parts]
     fmts = {p.fmt for p in parts}
     groups = {p.group for p in parts}
     if len(fmts) == 1 and len(groups) == 1:
@@ -225,6 +323,22 @@ def concat(parts: list[PackedWeight]) -> PackedWeight:
         g = min(groups)
         return concat([p if (p.fmt == Format.I8 and p.group == g) else p.regroup(g) for p in parts])
     return concat([PackedWeight.dense(p.dequantize()) for p in parts])
+
+
+def _any_kernels():
+    """A built kernel library (the one in use, else any): the QR layout is the same in every variant."""
+    from . import kernels
+
+    k = kernels.get()
+    if k is None:
+        for v in [v for v in kernels.cpu_variants() if v in kernels.built_variants()]:
+            try:
+                k = kernels.get(v)
+            except OSError:
+                continue
+            if k is not None:
+                break
+    return k
 
 
 def _compact(sm: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ F32/F16/F64/I8..I64 and raw bytes (one row of blocks per row) for every block ty
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class GGUFTensor:
     tensor_type: GGMLQuantizationType
     shape: tuple[int, ...]  # innermost dimension first, as stored
     data: np.ndarray
+    offset: int = 0  # where its bytes lie in the file
+    nbytes: int = 0
 
 
 def check_header(path: str | Path) -> None:
@@ -127,4 +130,16 @@ class GGUFFile:
             else:
                 byte_dims = np_dims[:-1] + (np_dims[-1] // block * size,)
                 data = np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=at).reshape(byte_dims)
-            self.tensors.append(GGUFTensor(name, qtype, dims, data))
+            self.tensors.append(GGUFTensor(name, qtype, dims, data, at, nbytes))
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache): a loader that
+        has repacked a tensor keeps the resident memory of the copy alone."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
+        except (OSError, ValueError):
+            pass

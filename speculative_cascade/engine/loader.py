@@ -43,7 +43,7 @@ from .hf_fallback import HFCausalLM
 from .tokenizer import FastTokenizer
 from .transformer import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer, rope_row_order
 
-PRECISIONS = ("stored", "fp32")
+PRECISIONS = ("stored", "exact", "fp32")
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -339,13 +339,18 @@ def gguf_config(reader) -> dict | None:
     }
 
 
-def gguf_state_dict(reader, config: dict) -> dict:
+def gguf_state_dict(reader, config: dict, precision: str = "exact") -> dict:
     """The file's tensors under Hugging Face names, matrices as :class:`PackedWeight` in their own format.
 
-    llama.cpp stores a llama model's q and k rows in interleaved RoPE order; they are put back
-    in Hugging Face order here (an exact row permutation; the model permutes them again)."""
+    ``precision="stored"``: quantized matrices repacked for int8 activations (Format.QR), their
+    q and k rows taken straight in the decoder's RoPE order, the embedding table kept as the
+    file's blocks (Format.RAW; a tied head gets its own QR copy), each tensor's pages dropped
+    once read. Otherwise llama.cpp's interleaved q and k rows of a llama model are put back in
+    Hugging Face order (an exact row permutation; the model permutes them again)."""
 
     sd: dict = {}
+    if precision == "stored":
+        sd = _gguf_qr_tensors(reader, config)
     for t in reader.tensors:
         shape = [int(d) for d in t.shape][::-1]  # GGUF lists dimensions innermost first
         if t.name.startswith("blk."):
@@ -359,6 +364,8 @@ def gguf_state_dict(reader, config: dict) -> dict:
                     "output.weight": "lm_head.weight"}.get(t.name)
             if name is None:
                 continue
+        if name in sd:  # repacked already
+            continue
         if len(shape) == 1:
             sd[name] = from_gguf(t.data, t.tensor_type, (1, shape[0])).dequantize().flatten()
             continue
@@ -379,6 +386,57 @@ def gguf_state_dict(reader, config: dict) -> dict:
             inverse[order] = torch.arange(len(order))
             sd[name] = sd[name][inverse]
     return sd
+
+
+def _gguf_qr_tensors(reader, config: dict) -> dict:
+    """The matrices the QR layout holds (:meth:`PackedWeight.qr`), the embedding table as RAW
+    blocks, and a tied head's QR copy; what it cannot hold is left to :func:`gguf_state_dict`.
+    A fused matrix (q/k/v, gate/up) is QR in all its parts or in none."""
+    from .formats import QR_TYPES, PackedWeight
+
+    by_name = {t.name: t for t in reader.tensors}
+    out: dict = {}
+
+    def shape(t):
+        return tuple(int(d) for d in t.shape[::-1])
+
+    def take(t, rows=None):
+        if t is None or t.tensor_type not in QR_TYPES or len(t.shape) != 2:
+            return None
+        w = PackedWeight.qr(t.data, t.tensor_type, shape(t), rows)
+        reader.release(t)
+        return w
+
+    for i in range(config["num_hidden_layers"]):
+        blk = f"blk.{i}."
+        hf = f"model.layers.{i}."
+        groups = [("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",)]
+        for group in groups:
+            ws = []
+            for base in group:
+                rows = None
+                if config["model_type"] != "llama" and base in ("attn_q", "attn_k"):  # HF order in the file
+                    heads = config["num_attention_heads"] if base == "attn_q" else config["num_key_value_heads"]
+                    rows = rope_row_order(heads, config["head_dim"]).numpy()
+                ws.append(take(by_name.get(blk + base + ".weight"), rows))
+            if any(w is None for w in ws):
+                continue  # the whole group the other way
+            for base, w in zip(group, ws):
+                w.rope_ordered = base in ("attn_q", "attn_k")
+                out[hf + _GGUF_NAMES[base] + ".weight"] = w
+    emb, head = by_name.get("token_embd.weight"), by_name.get("output.weight")
+    if head is not None:
+        w = take(head)
+        if w is not None:
+            out["lm_head.weight"] = w
+    elif emb is not None:
+        w = take(emb)  # tied: the head's own copy
+        if w is not None:
+            out["lm_head.weight"] = w
+    if emb is not None and "lm_head.weight" in out and emb.tensor_type in QR_TYPES:
+        out["model.embed_tokens.weight"] = PackedWeight.raw(emb.data, emb.tensor_type, shape(emb))
+        reader.release(emb)
+    return out
 
 
 def _gguf_tokenizer(gguf: Path, progress: bool):
@@ -415,7 +473,7 @@ def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> 
         return None
     tokenizer, tok_dir = _gguf_tokenizer(gguf, progress)
     try:
-        sd = gguf_state_dict(reader, config)
+        sd = gguf_state_dict(reader, config, precision)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CascadeError(f"cannot read the weights of GGUF file {gguf}: {str(e).splitlines()[0]}") from e
     if config["eos_token_id"] is None and getattr(tokenizer, "eos_token_id", None) is not None:

@@ -112,12 +112,21 @@ class PackedModule(nn.Module):
 
     def __init__(self, rows: int, cols: int) -> None:
         super().__init__()
-        self.use(PackedWeight.dense(torch.zeros(rows, cols)))
+        self._shape = (rows, cols)
+        self.use(None)
 
-    def use(self, packed: PackedWeight) -> None:
+    def use(self, packed: PackedWeight | None) -> None:
         """Hold ``packed`` as the weight (the fp32 view of the previous one is dropped)."""
-        self.packed = packed
+        self._packed = packed
         self._dense: torch.Tensor | None = None  # dequantized copy, made on demand
+
+    @property
+    def packed(self) -> PackedWeight:
+        """The weight; zeros until one is loaded (made on first use: a model about to be loaded
+        never holds an fp32 copy of its size)."""
+        if self._packed is None:
+            self._packed = PackedWeight.dense(torch.zeros(*self._shape))
+        return self._packed
 
     @property
     def weight(self) -> torch.Tensor:
@@ -172,6 +181,16 @@ class Linear(PackedModule):
 def sc_mat(packed: PackedWeight, bias: torch.Tensor | None) -> kernels.SCMat:
     """The C descriptor of a weight (pointers into tensors the caller keeps alive)."""
     N, K = packed.shape
+    if packed.fmt == Format.QR:  # its type in the group field; a tail chained through next
+        own = N - (0 if packed.tail is None else packed.tail.shape[0])
+        nxt = None
+        if packed.tail is not None:
+            tail_bias = None if bias is None else bias[own:]
+            nxt = sc_mat(packed.tail, tail_bias)
+            packed._keep = (nxt, tail_bias)  # alive as long as the weight: the layers' descriptors point here
+        b = None if bias is None else bias.data_ptr()
+        return kernels.SCMat(int(Format.QR), packed.qtype, own, K, 0, 0, packed.data.data_ptr(), None, b,
+                             None if nxt is None else ctypes.addressof(nxt))
     sm = 0 if packed.sm is None else packed.sm.data_ptr()
     b = None if bias is None else bias.data_ptr()
     f16 = int(packed.sm is not None and packed.sm.dtype == torch.float16)
@@ -582,8 +601,8 @@ class Transformer(nn.Module):
 
         Values may be tensors or :class:`PackedWeight`. ``precision="stored"`` keeps each matrix
         in its format (bf16, fp16, GGUF blocks); ``"fp32"`` dequantizes every matrix to fp32."""
-        if precision not in ("stored", "fp32"):
-            raise ValueError(f"precision must be 'stored' or 'fp32', got {precision!r}")
+        if precision not in ("stored", "exact", "fp32"):
+            raise ValueError(f"precision must be 'stored', 'exact' or 'fp32', got {precision!r}")
 
         def take(name: str):
             if name not in sd:
@@ -604,8 +623,9 @@ class Transformer(nn.Module):
         for i, blk in enumerate(self.layers):
             p = f"model.layers.{i}."
             att, ff = blk.attention, blk.feed_forward
-            wq = mat(p + "self_attn.q_proj.weight").select_rows(perm_q)
-            wk = mat(p + "self_attn.k_proj.weight").select_rows(perm_k)
+            wq, wk = mat(p + "self_attn.q_proj.weight"), mat(p + "self_attn.k_proj.weight")
+            if not wq.rope_ordered:  # (a GGUF loader may have taken the rows in this order already)
+                wq, wk = wq.select_rows(perm_q), wk.select_rows(perm_k)
             bqkv = None
             if a.qkv_bias:
                 bqkv = torch.cat([vec(p + "self_attn.q_proj.bias")[perm_q], vec(p + "self_attn.k_proj.bias")[perm_k],
@@ -623,7 +643,10 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.norm.weight.copy_(vec("model.norm.weight"))
         self.tok_embeddings.use(mat("model.embed_tokens.weight"))
-        if a.tie_embeddings or "lm_head.weight" not in sd:
+        head = sd.get("lm_head.weight")
+        if isinstance(head, PackedWeight) and head.fmt == Format.QR:  # tied or not: its own QR copy
+            self.output.set(head)
+        elif a.tie_embeddings or "lm_head.weight" not in sd:
             self.output.set(self.tok_embeddings.packed)  # tied: one tensor, read once
         else:
             self.output.set(mat("lm_head.weight"))

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-VARIANTS = {"x86_64": ("avx512", "avx2", "generic"), "aarch64": ("neon", "generic")}
+VARIANTS = {"x86_64": ("avx512vnni", "avx512", "avxvnni", "avx2", "generic"), "aarch64": ("neon", "generic")}
 # CFLAGS per variant: what setup.py and the tests' build check both use.
 FLAGS = {
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avxvnni": ["-mavxvnni", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
     "neon": [],
@@ -37,14 +39,16 @@ FLAGS = {
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC"]
 SOURCES = {name: _HERE / f"{name}.c" for name in FLAGS}
 STATUS_FILE = "_build_status.json"
-HEADERS = ("sc_kernels.h", "scalar_convert.h", "x86_dot_i8.h")
+HEADERS = ("sc_kernels.h", "sc_qr.h", "scalar_convert.h", "x86_dot_i8.h")
+# a variant that is another one with more instructions compiles that one's file
+INCLUDES = {"avx512vnni": ("avx512.c",), "avxvnni": ("avx2.c",)}
 
 
 def source_digest(variant: str) -> str:
     """A digest of what a variant is compiled from (its file, the shared headers, its flags): the
     install records it beside each library it built, so a build can be matched to the sources."""
     h = hashlib.sha256(" ".join(COMMON_FLAGS + FLAGS[variant]).encode())
-    for path in (SOURCES[variant], *(_HERE / name for name in HEADERS)):
+    for path in (SOURCES[variant], *(_HERE / name for name in INCLUDES.get(variant, ()) + HEADERS)):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -69,6 +73,7 @@ class SCMat(ctypes.Structure):
         ("w", ctypes.c_void_p),
         ("sm", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("next", ctypes.c_void_p),
     ]
 
 
@@ -142,6 +147,12 @@ class Kernels:
         lib.sc_stream_sum.restype = ctypes.c_float
         lib.sc_release_threads.argtypes = []
         lib.sc_release_threads.restype = None
+        lib.sc_qr_bytes.argtypes = [ctypes.c_int] * 3
+        lib.sc_qr_bytes.restype = ctypes.c_longlong
+        lib.sc_qr_repack.argtypes = [ctypes.c_int, P, P, ctypes.c_int, ctypes.c_int, P]
+        lib.sc_qr_repack.restype = ctypes.c_int
+        lib.sc_qr_dequant.argtypes = [ctypes.c_int, P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
+        lib.sc_qr_dequant.restype = None
         st = path.stat()
         return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass(), f"{st.st_size:x}-{int(st.st_mtime):x}")
 
@@ -173,7 +184,8 @@ def cpu_variants() -> list[str]:
     level = 0
     if probe is not None:
         level = ctypes.CDLL(str(probe)).sc_cpu_level()
-    return ["avx512", "avx2", "generic"][2 - level :]
+    bits = {"avx512vnni": 4, "avx512": 2, "avxvnni": 8, "avx2": 1}
+    return [v for v in VARIANTS["x86_64"] if v == "generic" or level & bits[v]]
 
 
 def built_variants() -> list[str]:

@@ -1,7 +1,11 @@
 /* x86-64 with AVX2, FMA and F16C: 8 fp32 lanes, 16 vector registers. */
 #include <immintrin.h>
 
+#ifdef SC_VARIANT_NAME
+#define SC_VARIANT SC_VARIANT_NAME
+#else
 #define SC_VARIANT "avx2"
+#endif
 #define VW 8
 typedef float vf __attribute__((vector_size(32)));
 
@@ -79,4 +83,30 @@ static inline void hsum8(const vf *a, float *out) {
  * measured with this variant on a Zen 4 EPYC, the builds alternating: the fp32 target's one-token
  * forwards 15-19% faster in the VM's fast bandwidth state, its forwards over 2-9 tokens level). */
 #define DENSE_ROW1 1
+
+/* QR (sc_qr.h): 8 weight rows a vector; vpmaddubsw pairs, or vpdpbusd where AVX-VNNI is compiled in. */
+#define QR_SIMD
+typedef __m256i qi;
+#define qi_splat(v) _mm256_set1_epi32(v)
+#define qi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define qi_lo4(v) _mm256_and_si256((v), _mm256_set1_epi8(15))
+#define qi_hi4(v) _mm256_and_si256(_mm256_srli_epi16((v), 4), _mm256_set1_epi8(15))
+#define qi_add(a, b) _mm256_add_epi32((a), (b))
+#define qi_sub(a, b) _mm256_sub_epi32((a), (b))
+#define qi_mul(a, b) _mm256_mullo_epi32((a), (b))
+#define qi_or(a, b) _mm256_or_si256((a), (b))
+#define qi_shl16(v) _mm256_slli_epi32((v), 16)
+#define qi_u8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define qi_s8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define qi_pairs(u, x) _mm256_maddubs_epi16((u), (x))
+#define qi_add16(a, b) _mm256_add_epi16((a), (b))
+#define qi_madd(a, b) _mm256_madd_epi16((a), (b))
+#define qi_flip(v) _mm256_xor_si256((v), _mm256_set1_epi8((char)0x80))
+#define qi_signed_pairs(w, x) _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8((w), (x)))
+#define qi_float(v) ((vf)_mm256_cvtepi32_ps(v))
+#ifdef __AVXVNNI__
+#define QR_DP
+#define qi_dot(acc, u, x) _mm256_dpbusd_avx_epi32((acc), (u), (x))
+#endif
+
 #include "sc_kernels.h"

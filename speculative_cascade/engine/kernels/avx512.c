@@ -1,7 +1,11 @@
 /* x86-64 with AVX-512 (F, BW, VL, DQ) and FMA: 16 fp32 lanes, 32 vector registers. */
 #include <immintrin.h>
 
+#ifdef SC_VARIANT_NAME
+#define SC_VARIANT SC_VARIANT_NAME
+#else
 #define SC_VARIANT "avx512"
+#endif
 #define VW 16
 typedef float vf __attribute__((vector_size(64)));
 
@@ -61,4 +65,33 @@ static inline vf lut_u4(const unsigned char *p, int hi, vf lut) {
  * measured with this variant on a Zen 4 EPYC, the builds alternating: the fp32 target's one-token
  * forwards 15-19% faster in the VM's fast bandwidth state, its forwards over 2-9 tokens level). */
 #define DENSE_ROW1 1
+
+/* QR (sc_qr.h): 16 weight rows a vector; vpdpbusd where AVX-512 VNNI is compiled in (avx512vnni.c),
+ * else vpmaddubsw pairs. */
+#define QR_SIMD
+typedef __m512i qi;
+#define qi_splat(v) _mm512_set1_epi32(v)
+#define qi_load(p) _mm512_loadu_si512((const void *)(p))
+#define qi_lo4(v) _mm512_and_si512((v), _mm512_set1_epi8(15))
+#define qi_hi4(v) _mm512_and_si512(_mm512_srli_epi16((v), 4), _mm512_set1_epi8(15))
+#define qi_add(a, b) _mm512_add_epi32((a), (b))
+#define qi_sub(a, b) _mm512_sub_epi32((a), (b))
+#define qi_mul(a, b) _mm512_mullo_epi32((a), (b))
+#define qi_or(a, b) _mm512_or_si512((a), (b))
+#define qi_shl16(v) _mm512_slli_epi32((v), 16)
+#define qi_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define qi_s8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define qi_pairs(u, x) _mm512_maddubs_epi16((u), (x))
+#define qi_add16(a, b) _mm512_add_epi16((a), (b))
+#define qi_madd(a, b) _mm512_madd_epi16((a), (b))
+#define qi_flip(v) _mm512_xor_si512((v), _mm512_set1_epi8((char)0x80))
+/* no 512-bit vpsignb: w negated where x is negative, under x's sign mask */
+#define qi_signed_pairs(w, x)                                                                                  \
+    _mm512_maddubs_epi16(_mm512_abs_epi8(x), _mm512_mask_sub_epi8((w), _mm512_movepi8_mask(x), _mm512_setzero_si512(), (w)))
+#define qi_float(v) ((vf)_mm512_cvtepi32_ps(v))
+#ifdef __AVX512VNNI__
+#define QR_DP
+#define qi_dot(acc, u, x) _mm512_dpbusd_epi32((acc), (u), (x))
+#endif
+
 #include "sc_kernels.h"

@@ -52,16 +52,17 @@
 #include <omp.h>
 #endif
 
-enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5 };
+enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5, SC_QR = 6 };
 
 /* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
  * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored); has_min: some min is
  * not 0 (int8 only: without it the mins' term, exactly 0, is skipped). */
-typedef struct {
+typedef struct sc_mat {
     int fmt, group, n, k, sm_f16, has_min;
     const void *w;
     const void *sm;
     const float *bias;
+    const struct sc_mat *next; /* QR: the matrix's further rows, in another QR type (sc_qr.h); else NULL */
 } sc_mat;
 
 typedef struct {
@@ -460,6 +461,8 @@ static void q4_dequantize_block(const sc_mat *W, int n0, float *buf) {
     }
 }
 
+#include "sc_qr.h"
+
 /* ---- I8Q8: int8 weights (one scale per row, codes in -127..127) times int8 activations ---------- */
 
 #define Q8_BLOCK 32 /* inputs per activation scale */
@@ -630,7 +633,11 @@ static __attribute__((noinline)) void par_row1_dense(const sc_mat *W, const floa
 }
 #endif
 
-static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy) {
+static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy, void *qbuf) {
+    if (W->fmt == SC_QR) {
+        par_matmul_qr(W, x, M, y, ldy, qbuf);
+        return;
+    }
 #if DENSE_ROW1
     if (M == 1 && W->fmt <= SC_BF16) {
         par_row1_dense(W, x, y);
@@ -676,8 +683,11 @@ static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy
 
 /* y (M, W.n) = x (M, W.k) @ W^T (+ bias). */
 void sc_matmul(const sc_mat *W, const float *x, int M, float *y) {
+    void *qbuf = W->fmt == SC_QR ? malloc(qr_act_bytes(M, W->k)) : NULL;
+    if (W->fmt == SC_QR && !qbuf) return;
 #pragma omp parallel
-    par_matmul(W, x, M, y, W->n);
+    par_matmul(W, x, M, y, W->n, qbuf);
+    free(qbuf);
 }
 
 static void rmsnorm_row(const float *x, const float *w, float *y, int K, float eps) {
@@ -920,11 +930,15 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
     size_t part_n = (size_t)(T < T_BLOCK ? T : T_BLOCK) * nh * max_chunks * (hd + 2);
     size_t need = (size_t)T * (D + qkv_w + att_w + att_w + D + 2 * H + H) + part_n;
     float *buf = (float *)malloc(need * sizeof(float));
+    int kmax = D > att_w ? D : att_w; /* the int8 activations of the widest product's input */
+    kmax = kmax > H ? kmax : H;
+    void *qbuf = malloc(qr_act_bytes(T > N ? T : N, kmax));
     int *n_vis = (int *)malloc((size_t)T * sizeof(int)), *vis_all = NULL, *seg = (int *)malloc((size_t)T * sizeof(int));
     int *off = (int *)malloc((size_t)(n_seq + 1) * sizeof(int)), **vis_new = (int **)calloc(n_seq, sizeof(int *));
     if (vis_n) vis_all = (int *)malloc(vis_n * sizeof(int));
-    if (!buf || !n_vis || !seg || !off || !vis_new || (vis_n && !vis_all)) {
+    if (!buf || !qbuf || !n_vis || !seg || !off || !vis_new || (vis_n && !vis_all)) {
         free(buf);
+        free(qbuf);
         free(n_vis);
         free(seg);
         free(off);
@@ -971,16 +985,16 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
                 if (l == 0) /* later layers' input norm comes with the previous layer's residual add */
 #pragma omp for schedule(static)
                     for (int t = 0; t < T; t++) rmsnorm_row(x + (size_t)t * D, ly->attn_norm, h + (size_t)t * D, D, dm->eps);
-                par_matmul(&ly->qkv, h, T, qkv, qkv_w);
+                par_matmul(&ly->qkv, h, T, qkv, qkv_w, qbuf);
                 attention(qkv, rot, &bt, (size_t)l * layer_stride, q, part, sc, n_vis, att, T, max_chunks, nh, nkv, hd);
-                par_matmul(&ly->o, att, T, o, D);
+                par_matmul(&ly->o, att, T, o, D, qbuf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
                     float *xt = x + (size_t)t * D, *ot = o + (size_t)t * D;
                     for (int i = 0; i < D; i++) xt[i] += ot[i];
                     rmsnorm_row(xt, ly->ffn_norm, h + (size_t)t * D, D, dm->eps);
                 }
-                par_matmul(&ly->gate_up, h, T, gu, 2 * H);
+                par_matmul(&ly->gate_up, h, T, gu, 2 * H, qbuf);
                 int nv = H / VW; /* silu(g) * u: split over the vectors of every token (a row's tail: one job) */
 #pragma omp for schedule(static)
                 for (int c = 0; c < T * (nv + 1); c++) {
@@ -994,7 +1008,7 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
                     } else
                         for (int i = nv * VW; i < H; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
                 }
-                par_matmul(&ly->down, act, T, o, D);
+                par_matmul(&ly->down, act, T, o, D, qbuf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
                     float *xt = x + (size_t)t * D, *ot = o + (size_t)t * D;
@@ -1011,12 +1025,13 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
                         rmsnorm_row(x + (size_t)(off[s + 1] - n_outs[s] + t) * D, norm_w, h + (size_t)(first + t) * D,
                                     D, dm->eps);
                 }
-                par_matmul(head, h, N, logits, head->n);
+                par_matmul(head, h, N, logits, head->n, qbuf);
             }
         }
         free(sc);
     }
     free(buf);
+    free(qbuf);
     free(n_vis);
     free(seg);
     free(off);
@@ -1071,14 +1086,17 @@ const char *sc_variant(void) { return SC_VARIANT; }
 int sc_vector_width(void) { return VW; }
 int sc_rows_per_pass(void) { return RMAX; }
 
-/* Which x86-64 variants this CPU runs: 2 = avx512 (F, BW, VL, DQ), 1 = avx2 (with FMA and F16C), 0 = baseline. */
+/* Which x86-64 variants this CPU runs, as bits: 1 avx2 (with FMA and F16C), 2 avx512 (F, BW, VL, DQ),
+ * 4 avx512vnni (avx512 and AVX512-VNNI), 8 avxvnni (avx2 and AVX-VNNI); 0: the baseline only. */
 int sc_cpu_level(void) {
+    int level = 0;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-        return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    level = avx2 | avx512 << 1 | (avx512 && __builtin_cpu_supports("avx512vnni")) << 2 |
+            (avx2 && __builtin_cpu_supports("avxvnni")) << 3;
 #endif
-    return 0;
+    return level;
 }
