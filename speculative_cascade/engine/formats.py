@@ -121,14 +121,21 @@ class PackedWeight:
         return cls(Format.Q4, data, sm, 32, (N, 2 * half))
 
     @classmethod
-    def qr(cls, data: np.ndarray, qtype, shape: tuple[int, int], rows: np.ndarray | None = None) -> "PackedWeight | None":
+    def qr(cls, data: np.ndarray, qtype, shape: tuple[int, int], rows: np.ndarray | None = None,
+           force: bool = False) -> "PackedWeight | None":
         """GGUF blocks ``data`` (one row of blocks per row) repacked for integer dot products with
         int8 activations (Format.QR, kernels/sc_qr.h), rows taken in the order ``rows`` (None: as
         stored); without copying the file's values to fp32. None where the layout cannot hold them
-        (another type, K not a multiple of its super-block, no kernels, a Q8_0 code of -128)."""
+        (another type, K not a multiple of its super-block, a Q8_0 code of -128) or where the kernels
+        in use have no vector QR products (none, or the baseline build: ``force`` packs anyway)."""
         k = _any_kernels()
         if k is None or qtype not in QR_TYPES:
             return None
+        if not force:
+            from . import kernels
+
+            if kernels.get() is None or not kernels.get().lib.sc_qr_native():
+                return None
         qt, S = QR_TYPES[qtype]
         N, K = shape
         nbytes = k.lib.sc_qr_bytes(qt, N, K)

@@ -94,6 +94,7 @@ typedef __m256i qi;
 #define qi_add(a, b) _mm256_add_epi32((a), (b))
 #define qi_sub(a, b) _mm256_sub_epi32((a), (b))
 #define qi_mul(a, b) _mm256_mullo_epi32((a), (b))
+#define qi_and(a, b) _mm256_and_si256((a), (b))
 #define qi_or(a, b) _mm256_or_si256((a), (b))
 #define qi_shl16(v) _mm256_slli_epi32((v), 16)
 #define qi_u8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))

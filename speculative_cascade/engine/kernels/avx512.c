@@ -77,6 +77,7 @@ typedef __m512i qi;
 #define qi_add(a, b) _mm512_add_epi32((a), (b))
 #define qi_sub(a, b) _mm512_sub_epi32((a), (b))
 #define qi_mul(a, b) _mm512_mullo_epi32((a), (b))
+#define qi_and(a, b) _mm512_and_si512((a), (b))
 #define qi_or(a, b) _mm512_or_si512((a), (b))
 #define qi_shl16(v) _mm512_slli_epi32((v), 16)
 #define qi_u8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))

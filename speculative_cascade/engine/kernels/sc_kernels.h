@@ -685,8 +685,10 @@ static void par_matmul(const sc_mat *W, const float *x, int M, float *y, int ldy
 void sc_matmul(const sc_mat *W, const float *x, int M, float *y) {
     void *qbuf = W->fmt == SC_QR ? malloc(qr_act_bytes(M, W->k)) : NULL;
     if (W->fmt == SC_QR && !qbuf) return;
+    int n = 0; /* the output's width: a QR matrix's chain together */
+    for (const sc_mat *p = W; p; p = p->fmt == SC_QR ? p->next : NULL) n += p->n;
 #pragma omp parallel
-    par_matmul(W, x, M, y, W->n, qbuf);
+    par_matmul(W, x, M, y, n, qbuf);
     free(qbuf);
 }
 
@@ -1083,6 +1085,14 @@ void sc_release_threads(void) {
 }
 
 const char *sc_variant(void) { return SC_VARIANT; }
+/* Does this variant run QR products in vectors (1), or only lane by lane (0: a reference)? */
+int sc_qr_native(void) {
+#ifdef QR_SIMD
+    return 1;
+#else
+    return 0;
+#endif
+}
 int sc_vector_width(void) { return VW; }
 int sc_rows_per_pass(void) { return RMAX; }
 

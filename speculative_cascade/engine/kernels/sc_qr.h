@@ -203,7 +203,8 @@ static qr_act qr_act_at(void *buf, int M, int K) {
 }
 
 /* Inside a parallel region (ends with a barrier): one block of one row per job, each the same
- * arithmetic whatever M. */
+ * arithmetic whatever M. q = round(x * 127 / amax), half to even; |x * 127 / amax| cannot round past 127. */
+typedef signed char qr_vc __attribute__((vector_size(VW)));
 static void par_quantize_qr(int S, const float *x, int M, int K, qr_act a) {
     const int nsb = K / S;
 #pragma omp for schedule(static)
@@ -223,20 +224,22 @@ static void par_quantize_qr(int S, const float *x, int M, int K, qr_act a) {
         int8_t *q = a.qx + (size_t)m * K + (size_t)s * S;
         uint8_t *qa = a.xa + (size_t)m * K + (size_t)s * S;
         int32_t *xs = a.xs + (size_t)m * (K / 16) + (size_t)s * S / 16;
-        const vf magic = vsplat(12582912.0f); /* 1.5 * 2^23: rounds half to even, as nearbyintf */
+        const vf magic = vsplat(12582912.0f); /* 1.5 * 2^23: adding it rounds half to even, as nearbyintf */
+        vi part = {0};
         for (int i = 0; i < S; i += VW) {
             vf r = (vload(xb + i) * vsplat(inv) + magic) - magic;
             vi qi = __builtin_convertvector(r, vi);
-            for (int l = 0; l < VW; l++) {
-                int v = qi[l] > 127 ? 127 : qi[l] < -127 ? -127 : qi[l];
-                q[i + l] = (int8_t)v;
-                qa[i + l] = (uint8_t)(v < 0 ? -v : v);
+            vi neg = qi < 0; /* lanes of -1 where negative */
+            qr_vc c = __builtin_convertvector(qi, qr_vc), ca = __builtin_convertvector((qi ^ neg) - neg, qr_vc);
+            memcpy(q + i, &c, sizeof c);
+            memcpy(qa + i, &ca, sizeof ca);
+            part += qi;
+            if ((i + VW) % 16 == 0) { /* the codes' sum of each 16 inputs */
+                int sum = 0;
+                for (int l = 0; l < VW; l++) sum += part[l];
+                xs[(i + VW) / 16 - 1] = sum;
+                part = (vi){0};
             }
-        }
-        for (int g = 0; g < S / 16; g++) {
-            int sum = 0;
-            for (int i = 0; i < 16; i++) sum += q[16 * g + i];
-            xs[g] = sum;
         }
     }
 }
@@ -248,12 +251,19 @@ static inline int qr_xs(const qr_type *t, const int32_t *xs, int s, int j) { /* 
     return t->G == 16 ? p[0] : p[0] + p[1];
 }
 
+#ifndef QR_PF_RECS
+#define QR_PF_RECS 4 /* records ahead that a tile's first pass prefetches into L2 */
+#endif
+
 #ifdef QR_SIMD
 /* The variant's vectors of QW int32 lanes (QW = VW), one lane a weight row, and its products:
  *   qi_dot(acc, u, x): acc + the sums of 4 byte products (u unsigned, x signed) per lane, where the
  *   caller guarantees that no pair of products overflows 16 bits when QR_DP is not defined. */
 #define QW VW
 #define QR_HALVES (QR_ROWS / QW)
+#ifndef QR_RMAX
+#define QR_RMAX 4 /* rows of activations a pass (at most 6) */
+#endif
 
 static inline __attribute__((always_inline)) qi qr_bc(const int8_t *p) {
     int32_t v;
@@ -267,52 +277,54 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
     const qr_type t = QR_T[qt];
     const int nsb = K / t.S, nsub = t.S / t.G, rec = QR_REC(t);
     const uint8_t *r0 = (const uint8_t *)W->w + (size_t)b * nsb * rec;
-    vf acc[4];
+    vf acc[6];
     SC_UNROLL for (int r = 0; r < R; r++) acc[r] = vsplat(0.f);
     for (int s = 0; s < nsb; s++) {
         const uint8_t *rr = r0 + (size_t)s * rec, *codes = rr + h * QW * 4, *scp = rr + QR_CODES(t) + h * QW;
+        if (t0 == 0 && h == 0) pf_l2((const char *)rr + QR_PF_RECS * rec, rec); /* the stream ahead, once */
         const uint8_t *mnp = rr + QR_CODES(t) + QR_SCB(t) + h * QW;
         const float *d = (const float *)(rr + QR_CODES(t) + QR_SCB(t) + QR_MNB(t)) + h * QW, *dm = d + QR_ROWS;
         SC_OPAQUE(codes);
-        qi isum[4], imin[4];
+        qi isum[6], imin[6];
         SC_UNROLL for (int j = 0; j < nsub; j++) {
-            const int8_t *xq[4];
-            int xsj[4];
+            const int8_t *xq[6];
+            int xsj[6];
             SC_UNROLL for (int r = 0; r < R; r++) {
                 xq[r] = a.qx + (size_t)(t0 + r) * K + (size_t)s * t.S + (size_t)j * t.G;
                 xsj[r] = qr_xs(&t, a.xs + (size_t)(t0 + r) * (K / 16), s, j);
             }
             qi scv = t.sc == 1 ? qi_u8(scp + j * QR_ROWS) : t.sc == 2 ? qi_s8(scp + j * QR_ROWS) : qi_splat(1);
-            qi I[4];
+            qi I[6];
 #ifdef QR_DP
-            qi I2[4];
+            qi I2[6];
             SC_UNROLL for (int r = 0; r < R; r++) I[r] = qi_splat(-t.zero * xsj[r]), I2[r] = qi_splat(0);
             if (t.bits == 4) {
                 SC_UNROLL for (int v = 0; v < 4; v++) {
                     qi raw = qi_load(codes + (size_t)(j * 4 + v) * 64), lo = qi_lo4(raw), hi = qi_hi4(raw);
                     SC_UNROLL for (int r = 0; r < R; r++) {
                         I[r] = qi_dot(I[r], lo, qr_bc(xq[r] + 4 * v));
-                        I2[r] = qi_dot(I2[r], hi, qr_bc(xq[r] + 16 + 4 * v));
+                        if (R == 1) I2[r] = qi_dot(I2[r], hi, qr_bc(xq[r] + 16 + 4 * v)); /* two chains for one row */
+                        else I[r] = qi_dot(I[r], hi, qr_bc(xq[r] + 16 + 4 * v));
                     }
                 }
             } else {
                 SC_UNROLL for (int c = 0; c < t.G / 4; c++) {
                     qi w = qi_load(codes + (size_t)(j * t.G / 4 + c) * 64);
                     SC_UNROLL for (int r = 0; r < R; r++) {
-                        if (c & 1) I2[r] = qi_dot(I2[r], w, qr_bc(xq[r] + 4 * c));
+                        if ((c & 1) && R == 1) I2[r] = qi_dot(I2[r], w, qr_bc(xq[r] + 4 * c));
                         else I[r] = qi_dot(I[r], w, qr_bc(xq[r] + 4 * c));
                     }
                 }
             }
             SC_UNROLL for (int r = 0; r < R; r++) {
-                I[r] = qi_add(I[r], I2[r]);
+                if (R == 1) I[r] = qi_add(I[r], I2[r]);
                 if (t.sc) I[r] = qi_mul(I[r], scv);
             }
 #else /* pairs of byte products in 16 bits (vpmaddubsw), summed in 16 bits while no sum can overflow,
        * then into 32 bits with the sub-block's scale (vpmaddwd) */
-            qi sc16 = qi_or(scv, qi_shl16(scv)); /* each row's scale in both 16-bit halves of its lane */
+            qi sc16 = qi_or(qi_and(scv, qi_splat(0xFFFF)), qi_shl16(scv)); /* each row's scale in both 16-bit halves of its lane */
             if (t.bits == 4) {
-                qi P[4];
+                qi P[6];
                 SC_UNROLL for (int v = 0; v < 4; v++) {
                     qi raw = qi_load(codes + (size_t)(j * 4 + v) * 64), lo = qi_lo4(raw), hi = qi_hi4(raw);
                     SC_UNROLL for (int r = 0; r < R; r++) {
@@ -365,7 +377,6 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
         for (int l = 0; l < QW && n0 + l < W->n; l++) yr[n0 + l] = W->bias ? o[l] + W->bias[n0 + l] : o[l];
     }
 }
-#define QR_RMAX 4
 #else
 #define QR_HALVES 1
 #define QR_RMAX 1
@@ -407,7 +418,9 @@ static void qr_tile_scalar(const int qt, const sc_mat *W, qr_act a, int K, int t
         if (R == 1) qr_tile(QT, 1, W, a, K, t0, y, ldy, b, h);                                                \
         else if (R == 2) qr_tile(QT, 2, W, a, K, t0, y, ldy, b, h);                                           \
         else if (R == 3) qr_tile(QT, 3, W, a, K, t0, y, ldy, b, h);                                           \
-        else qr_tile(QT, 4, W, a, K, t0, y, ldy, b, h);                                                       \
+        else if (R == 4 || QR_RMAX < 5) qr_tile(QT, 4, W, a, K, t0, y, ldy, b, h);                            \
+        else if (R == 5 || QR_RMAX < 6) qr_tile(QT, 5, W, a, K, t0, y, ldy, b, h);                            \
+        else qr_tile(QT, 6, W, a, K, t0, y, ldy, b, h);                                                       \
         break;
 
 /* Inside a parallel region: y (M, W.n) (row stride ldy) = x @ W^T + b for a QR matrix, then its tail
