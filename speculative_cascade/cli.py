@@ -36,7 +36,9 @@ app = typer.Typer(
 
 TARGET_HELP = "Target model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a model directory or a hub id."
 PRECISION_HELP = (
-    "The target's weights: 'stored' (as the file stores them: GGUF blocks, bf16; default) or 'fp32' (dequantized)."
+    "The target's weights: 'stored' (as the file stores them: GGUF blocks, bf16; quantized blocks take int8 "
+    "activations and integer dot products, as llama.cpp; default), 'exact' (the stored blocks with fp32 activations) "
+    "or 'fp32' (dequantized)."
 )
 DRAFT_HELP = (
     "Draft model: 'int8' (INT8 copy of the target), 'none' (plain decoding), or a model like --target "
@@ -441,6 +443,36 @@ def bench(
         with _user_errors(report_dir):
             files = write(report, report_dir)
         typer.echo(f"report written to {', '.join(str(f) for f in files)}", err=True)
+
+
+@app.command()
+def perplexity(
+    target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
+    precisions: str = typer.Option(
+        "exact,stored", "--precision", help="Comma-separated precisions to compare; the first is the baseline."
+    ),
+    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file (default: the one shipped)."),
+    window: int = typer.Option(512, "--window", help="Tokens scored per forward."),
+) -> None:
+    """Perplexity of the target on a text at several precisions: what int8 activations cost in quality."""
+    from .bench.perplexity import compare  # heavy (torch): imported when the command runs
+
+    wanted = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not wanted:
+        _fail("--precision: name at least one precision")
+    if window < 2:
+        _fail("--window must be at least 2")
+    body = None
+    if text is not None:
+        with _user_errors(text):
+            body = text.read_text(encoding="utf-8")
+    try:
+        rows = compare(target, wanted, body, window)
+    except (CascadeError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{'precision':10s} {'weights':28s} {'tokens':>6s} {'perplexity':>11s} {'vs first':>9s}")
+    for r in rows:
+        typer.echo(f"{r['precision']:10s} {r['format']:28s} {r['tokens']:6d} {r['perplexity']:11.4f} {r['ratio']:9.4f}")
 
 
 @app.command("bench-serve")

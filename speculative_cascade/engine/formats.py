@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
-from . import pages
+from . import kernels, pages
 
 
 class Format(IntEnum):
@@ -122,18 +122,17 @@ class PackedWeight:
 
     @classmethod
     def qr(cls, data: np.ndarray, qtype, shape: tuple[int, int], rows: np.ndarray | None = None,
-           force: bool = False) -> "PackedWeight | None":
+           force: bool = False, out: torch.Tensor | None = None) -> "PackedWeight | None":
         """GGUF blocks ``data`` (one row of blocks per row) repacked for integer dot products with
         int8 activations (Format.QR, kernels/sc_qr.h), rows taken in the order ``rows`` (None: as
         stored); without copying the file's values to fp32. None where the layout cannot hold them
         (another type, K not a multiple of its super-block, a Q8_0 code of -128) or where the kernels
-        in use have no vector QR products (none, or the baseline build: ``force`` packs anyway)."""
+        in use have no vector QR products (none, or the baseline build: ``force`` packs anyway).
+        ``out``: the uint8 memory to fill (:func:`qr_bytes` of it), e.g. a slice of a fused matrix's."""
         k = _any_kernels()
         if k is None or qtype not in QR_TYPES:
             return None
         if not force:
-            from . import kernels
-
             if kernels.get() is None or not kernels.get().lib.sc_qr_native():
                 return None
         qt, S = QR_TYPES[qtype]
@@ -143,7 +142,9 @@ class PackedWeight:
             return None
         raw = np.ascontiguousarray(data)
         order = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
-        out = pages.block(int(nbytes))
+        if out is None:
+            out = pages.block(int(nbytes))
+        assert out.numel() == nbytes and out.dtype == torch.uint8 and out.is_contiguous()
         rc = k.lib.sc_qr_repack(qt, raw.ctypes.data, None if order is None else order.ctypes.data, N, K, out.data_ptr())
         if rc != 0:
             return None
@@ -304,9 +305,13 @@ def concat(parts: list[PackedWeight]) -> PackedWeight:
         for p in parts:  # consecutive parts of one type: one matrix (whole blocks of rows)
             if runs and runs[-1].qtype == p.qtype and runs[-1].shape[0] % QR_ROWS == 0:
                 q = runs[-1]
-                data = pages.block(q.data.numel() + p.data.numel())
-                data[: q.data.numel()] = q.data
-                data[q.data.numel():] = p.data
+                base = q.data._base if q.data._base is not None else q.data
+                if p.data._base is base and q.data.storage_offset() + q.data.numel() == p.data.storage_offset():
+                    data = base[q.data.storage_offset() : p.data.storage_offset() + p.data.numel()]  # side by side already
+                else:
+                    data = pages.block(q.data.numel() + p.data.numel())
+                    data[: q.data.numel()] = q.data
+                    data[q.data.numel():] = p.data
                 runs[-1] = PackedWeight(Format.QR, data, None, q.group,
                                         (q.shape[0] + p.shape[0], K), q.qtype)
             else:
@@ -332,10 +337,16 @@ def concat(parts: list[PackedWeight]) -> PackedWeight:
     return concat([PackedWeight.dense(p.dequantize()) for p in parts])
 
 
+def qr_bytes(qtype, shape: tuple[int, int]) -> int:
+    """Bytes of a GGUF matrix of ``qtype`` in the QR layout; -1 where it cannot hold it."""
+    k = _any_kernels()
+    if k is None or qtype not in QR_TYPES:
+        return -1
+    return int(k.lib.sc_qr_bytes(QR_TYPES[qtype][0], *shape))
+
+
 def _any_kernels():
     """A built kernel library (the one in use, else any): the QR layout is the same in every variant."""
-    from . import kernels
-
     k = kernels.get()
     if k is None:
         for v in [v for v in kernels.cpu_variants() if v in kernels.built_variants()]:

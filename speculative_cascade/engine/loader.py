@@ -37,7 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CascadeError
-from .formats import from_gguf
+from . import pages
+from .formats import QR_TYPES, PackedWeight, from_gguf, qr_bytes
 from .gguf_file import GGUFFile, check_header
 from .hf_fallback import HFCausalLM
 from .tokenizer import FastTokenizer
@@ -392,18 +393,16 @@ def _gguf_qr_tensors(reader, config: dict) -> dict:
     """The matrices the QR layout holds (:meth:`PackedWeight.qr`), the embedding table as RAW
     blocks, and a tied head's QR copy; what it cannot hold is left to :func:`gguf_state_dict`.
     A fused matrix (q/k/v, gate/up) is QR in all its parts or in none."""
-    from .formats import QR_TYPES, PackedWeight
-
     by_name = {t.name: t for t in reader.tensors}
     out: dict = {}
 
     def shape(t):
         return tuple(int(d) for d in t.shape[::-1])
 
-    def take(t, rows=None):
+    def take(t, rows=None, out=None):
         if t is None or t.tensor_type not in QR_TYPES or len(t.shape) != 2:
             return None
-        w = PackedWeight.qr(t.data, t.tensor_type, shape(t), rows)
+        w = PackedWeight.qr(t.data, t.tensor_type, shape(t), rows, out=out)
         reader.release(t)
         return w
 
@@ -412,13 +411,18 @@ def _gguf_qr_tensors(reader, config: dict) -> dict:
         hf = f"model.layers.{i}."
         groups = [("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",)]
         for group in groups:
-            ws = []
-            for base in group:
+            ts = [by_name.get(blk + base + ".weight") for base in group]
+            sizes = [-1 if t is None else qr_bytes(t.tensor_type, shape(t)) for t in ts]
+            if min(sizes) < 0:
+                continue  # the whole group the other way
+            buf, at, ws = pages.block(sum(sizes)), 0, []  # the parts side by side: fused without a copy
+            for base, t, n in zip(group, ts, sizes):
                 rows = None
                 if config["model_type"] != "llama" and base in ("attn_q", "attn_k"):  # HF order in the file
                     heads = config["num_attention_heads"] if base == "attn_q" else config["num_key_value_heads"]
                     rows = rope_row_order(heads, config["head_dim"]).numpy()
-                ws.append(take(by_name.get(blk + base + ".weight"), rows))
+                ws.append(take(t, rows, buf[at : at + n]))
+                at += n
             if any(w is None for w in ws):
                 continue  # the whole group the other way
             for base, w in zip(group, ws):

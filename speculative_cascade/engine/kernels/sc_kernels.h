@@ -52,7 +52,7 @@
 #include <omp.h>
 #endif
 
-enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5, SC_QR = 6 };
+enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2, SC_I8 = 3, SC_Q4 = 4, SC_I8Q8 = 5, SC_QR = 6, SC_RAW = 7 /* lookups only */ };
 
 /* A weight matrix (n outputs, k inputs), row-major in its format; sm: (n, k / group, 2) (scale, min)
  * pairs, fp32, or fp16 when sm_f16 (GGUF's own fp16 scales, kept as stored); has_min: some min is

@@ -8,7 +8,7 @@
  *          inputs 4v..4v+3 in their low nibbles and 16+4v..16+4v+3 in their high ones
  *   sc     per sub-block of G inputs, 16 integer scales (u8, or s8 for Q6_K)   [K-quants]
  *   mn     per sub-block, 16 integer mins (u8)                                 [Q4_K]
- *   d, dm  16 fp32 scales, 16 fp32 min multipliers                             [dm: Q4_1, Q4_K]
+ *   d, dm  16 fp16 scales, 16 fp16 min multipliers (the file's own)             [dm: Q4_1, Q4_K]
  * A weight is d * sc * (u - zero) + dm * mn (mn = 1 for Q4_1, sc = 1 where absent): every GGUF value
  * exactly. Activations are quantized per row in blocks of S (dx = amax / 127, codes in -127..127),
  * with the codes' sums per 16 inputs. Output n of row t is then, super-block after super-block,
@@ -37,7 +37,8 @@ static const qr_type QR_T[QR_TYPES] = {
 #define QR_CODES(t) (QR_ROWS * (t).S * (t).bits / 8)
 #define QR_SCB(t) ((t).sc ? QR_ROWS * (t).S / (t).G : 0)
 #define QR_MNB(t) ((t).mn == 2 ? QR_ROWS * (t).S / (t).G : 0)
-#define QR_REC(t) (QR_CODES(t) + QR_SCB(t) + QR_MNB(t) + 4 * QR_ROWS * (1 + ((t).mn != 0)))
+/* a record: codes, scales, mins, then d (and dm) as the file's fp16, rounded up to whole cache lines */
+#define QR_REC(t) ((QR_CODES(t) + QR_SCB(t) + QR_MNB(t) + 2 * QR_ROWS * (1 + ((t).mn != 0)) + 63) / 64 * 64)
 
 /* Bytes of an (n, k) matrix of type qt in this layout (k a multiple of S), or -1. */
 long long sc_qr_bytes(int qt, int n, int k) {
@@ -45,18 +46,18 @@ long long sc_qr_bytes(int qt, int n, int k) {
     return (long long)((n + QR_ROWS - 1) / QR_ROWS) * (k / QR_T[qt].S) * QR_REC(QR_T[qt]);
 }
 
-static float qr_f16(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | p[1] << 8)); }
-
 /* Row n's codes, scales and mins of super-block s from its GGUF blocks (raw: the row's bytes):
  * u[S] codes (with the zero added), sc and mn per sub-block, d and dm. Returns 0, or 1 for a Q8_0
  * code of -128 (the sign-trick products of the variants without VNNI need |q| <= 127). */
-static int qr_unpack(int qt, const uint8_t *raw, int s, uint8_t *u, int *sc, int *mn, float *d, float *dm) {
+static uint16_t qr_h(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+static int qr_unpack(int qt, const uint8_t *raw, int s, uint8_t *u, int *sc, int *mn, uint16_t *d, uint16_t *dm) {
     switch (qt) {
     case QR_Q4_0:
     case QR_Q4_1: {
         const uint8_t *b = raw + (size_t)s * (qt == QR_Q4_0 ? 18 : 20);
-        *d = qr_f16(b);
-        *dm = qt == QR_Q4_1 ? qr_f16(b + 2) : 0.f;
+        *d = qr_h(b);
+        *dm = qt == QR_Q4_1 ? qr_h(b + 2) : 0;
         const uint8_t *qs = b + (qt == QR_Q4_0 ? 2 : 4);
         for (int i = 0; i < 16; i++) u[i] = qs[i] & 15, u[i + 16] = qs[i] >> 4;
         sc[0] = mn[0] = 1;
@@ -64,8 +65,8 @@ static int qr_unpack(int qt, const uint8_t *raw, int s, uint8_t *u, int *sc, int
     }
     case QR_Q8_0: {
         const uint8_t *b = raw + (size_t)s * 34;
-        *d = qr_f16(b);
-        *dm = 0.f;
+        *d = qr_h(b);
+        *dm = 0;
         int bad = 0;
         for (int i = 0; i < 32; i++) {
             int q = (int8_t)b[2 + i];
@@ -77,8 +78,8 @@ static int qr_unpack(int qt, const uint8_t *raw, int s, uint8_t *u, int *sc, int
     }
     case QR_Q4_K: {
         const uint8_t *b = raw + (size_t)s * 144, *q = b + 4, *qs = b + 16;
-        *d = qr_f16(b);
-        *dm = -qr_f16(b + 2);
+        *d = qr_h(b);
+        *dm = qr_h(b + 2) ^ 0x8000; /* -dmin */
         for (int j = 0; j < 8; j++) {
             if (j < 4) sc[j] = q[j] & 63, mn[j] = q[j + 4] & 63;
             else sc[j] = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
@@ -89,8 +90,8 @@ static int qr_unpack(int qt, const uint8_t *raw, int s, uint8_t *u, int *sc, int
     }
     default: { /* Q6_K: ql[128], qh[64], scales[16] (s8), d */
         const uint8_t *b = raw + (size_t)s * 210, *ql = b, *qh = b + 128;
-        *d = qr_f16(b + 208);
-        *dm = 0.f;
+        *d = qr_h(b + 208);
+        *dm = 0;
         for (int j = 0; j < 16; j++) sc[j] = (int8_t)b[192 + j];
         for (int h = 0; h < 2; h++, ql += 64, qh += 32)
             for (int l = 0; l < 32; l++) {
@@ -121,7 +122,7 @@ int sc_qr_repack(int qt, const uint8_t *src, const int *rows, int n, int k, uint
     for (int job = 0; job < nb * nsb; job++) {
         int b = job / nsb, s = job % nsb;
         uint8_t *r = out + ((size_t)b * nsb + s) * rec, *codes = r, *scp = r + QR_CODES(t), *mnp = scp + QR_SCB(t);
-        float *d = (float *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
+        uint16_t *d = (uint16_t *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
         memset(r, 0, rec); /* rows past n: zero codes and scales */
         if (t.bits == 8 && t.zero) /* a padding row's codes at the zero: its dot products are 0 */
             for (int i = 0; i < QR_CODES(t); i++) codes[i] = (uint8_t)t.zero;
@@ -129,7 +130,7 @@ int sc_qr_repack(int qt, const uint8_t *src, const int *rows, int n, int k, uint
             int row = b * QR_ROWS + l;
             uint8_t u[256];
             int sc[16], mn[16];
-            float dd, mm;
+            uint16_t dd, mm;
             bad |= qr_unpack(qt, src + (size_t)(rows ? rows[row] : row) * row_bytes, s, u, sc, mn, &dd, &mm);
             d[l] = dd;
             if (t.mn) dm[l] = mm;
@@ -167,12 +168,12 @@ void sc_qr_dequant(int qt, const uint8_t *w, int k, int row0, int m, float *out)
         int row = row0 + i, b = row / QR_ROWS, l = row % QR_ROWS;
         for (int s = 0; s < nsb; s++) {
             const uint8_t *r = w + ((size_t)b * nsb + s) * rec, *scp = r + QR_CODES(t), *mnp = scp + QR_SCB(t);
-            const float *d = (const float *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
+            const uint16_t *d = (const uint16_t *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
             for (int x = 0; x < t.S; x++) {
                 int j = x / t.G;
                 double sc = t.sc == 1 ? scp[j * QR_ROWS + l] : t.sc == 2 ? (int8_t)scp[j * QR_ROWS + l] : 1;
                 double mn = t.mn == 2 ? mnp[j * QR_ROWS + l] : 1;
-                double v = (double)d[l] * sc * (qr_code(&t, r, l, x) - t.zero) + (t.mn ? (double)dm[l] * mn : 0.0);
+                double v = (double)half_to_float(d[l]) * sc * (qr_code(&t, r, l, x) - t.zero) + (t.mn ? (double)half_to_float(dm[l]) * mn : 0.0);
                 out[(size_t)i * k + (size_t)s * t.S + x] = (float)v;
             }
         }
@@ -283,7 +284,7 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
         const uint8_t *rr = r0 + (size_t)s * rec, *codes = rr + h * QW * 4, *scp = rr + QR_CODES(t) + h * QW;
         if (t0 == 0 && h == 0) pf_l2((const char *)rr + QR_PF_RECS * rec, rec); /* the stream ahead, once */
         const uint8_t *mnp = rr + QR_CODES(t) + QR_SCB(t) + h * QW;
-        const float *d = (const float *)(rr + QR_CODES(t) + QR_SCB(t) + QR_MNB(t)) + h * QW, *dm = d + QR_ROWS;
+        const uint16_t *d = (const uint16_t *)(rr + QR_CODES(t) + QR_SCB(t) + QR_MNB(t)) + h * QW, *dm = d + QR_ROWS;
         SC_OPAQUE(codes);
         qi isum[6], imin[6];
         SC_UNROLL for (int j = 0; j < nsub; j++) {
@@ -361,7 +362,7 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
                 }
             }
         }
-        vf dv = vload(d), dmv = t.mn ? vload(dm) : vsplat(0.f);
+        vf dv = cvt_f16(d), dmv = t.mn ? cvt_f16(dm) : vsplat(0.f);
         SC_UNROLL for (int r = 0; r < R; r++) {
             float dx = a.dx[(size_t)(t0 + r) * (K / 32) + (size_t)s * t.S / 32];
             acc[r] = vfma(qi_float(isum[r]), dv * vsplat(dx), acc[r]);
@@ -391,7 +392,7 @@ static void qr_tile_scalar(const int qt, const sc_mat *W, qr_act a, int K, int t
     for (int s = 0; s < nsb; s++) {
         const uint8_t *rr = (const uint8_t *)W->w + ((size_t)b * nsb + s) * rec, *scp = rr + QR_CODES(t);
         const uint8_t *mnp = scp + QR_SCB(t);
-        const float *d = (const float *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
+        const uint16_t *d = (const uint16_t *)(mnp + QR_MNB(t)), *dm = d + QR_ROWS;
         float dx = a.dx[(size_t)t0 * (K / 32) + (size_t)s * t.S / 32];
         for (int l = 0; l < QR_ROWS; l++) {
             int isum = 0, imin = 0;
@@ -403,8 +404,8 @@ static void qr_tile_scalar(const int qt, const sc_mat *W, qr_act a, int K, int t
                 if (t.mn == 2) imin += mnp[j * QR_ROWS + l] * xsj;
             }
             if (t.mn == 1) imin = qr_xs(&t, xs, s, 0);
-            acc[l] = (float)isum * (d[l] * dx) + acc[l];
-            if (t.mn) acc[l] = (float)imin * (dm[l] * dx) + acc[l];
+            acc[l] = (float)isum * (half_to_float(d[l]) * dx) + acc[l];
+            if (t.mn) acc[l] = (float)imin * (half_to_float(dm[l]) * dx) + acc[l];
         }
     }
     float *yr = y + (size_t)t0 * ldy;
