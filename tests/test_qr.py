@@ -109,3 +109,13 @@ def test_rows_are_taken_in_the_given_order():
     ref = dequantize(raw, Q.Q4_K).reshape(32, 256)[order]
     np.testing.assert_allclose(w.dequantize().numpy(), ref, rtol=1e-6)
     assert torch.equal(w.rows(torch.tensor([[5, 0], [31, 7]])), w.dequantize()[torch.tensor([[5, 0], [31, 7]])])
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_embedding_rows_kept_as_stored_read_the_files_values(qt):
+    rng = np.random.default_rng(5)
+    K = 2 * QR_TYPES[qt][1]
+    raw = random_blocks(qt, 12, K, rng)
+    table = PackedWeight.raw(raw, qt, (12, K))
+    ref = dequantize(raw, qt).reshape(12, K)
+    np.testing.assert_allclose(table.rows(torch.tensor([3, 0, 11])).numpy(), ref[[3, 0, 11]], rtol=1e-6, atol=1e-9)

@@ -186,7 +186,13 @@ class PackedWeight:
             return self._qr_dequantize()[rows]
         if self.fmt == Format.RAW:
             idx = torch.arange(self.shape[0])[rows].reshape(-1).numpy()
-            w = dequantize(self.data.numpy()[idx], GGMLQuantizationType(self.qtype))
+            k, qtype = _any_kernels(), GGMLQuantizationType(self.qtype)
+            if k is not None and qtype in QR_TYPES:  # the kernels' reading of the blocks (the same values)
+                src = np.ascontiguousarray(self.data.numpy()[idx])
+                out = torch.empty(len(idx), self.shape[1])
+                k.lib.sc_gguf_dequant(QR_TYPES[qtype][0], src.ctypes.data, len(idx), self.shape[1], out.data_ptr())
+                return out
+            w = dequantize(self.data.numpy()[idx], qtype)
             return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(len(idx), self.shape[1]))
         if not self.quantized:
             return self.data[rows].float()

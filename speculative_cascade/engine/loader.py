@@ -22,6 +22,7 @@ load runs through :class:`~speculative_cascade.engine.hf_fallback.HFCausalLM`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -475,11 +477,20 @@ def _load_gguf_native(gguf: Path, name: str, precision: str, progress: bool) -> 
         raise CascadeError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e}") from e
     if config is None:
         return None
-    tokenizer, tok_dir = _gguf_tokenizer(gguf, progress)
-    try:
-        sd = gguf_state_dict(reader, config, precision)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CascadeError(f"cannot read the weights of GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    # the tokenizer (a second or more for a 150k vocabulary) is read beside the weights, whose
+    # repacking runs in C without the interpreter lock; the collector pauses while both allocate
+    with ThreadPoolExecutor(1) as pool:
+        tok_job = pool.submit(_gguf_tokenizer, gguf, progress)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            sd = gguf_state_dict(reader, config, precision)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise CascadeError(f"cannot read the weights of GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+        finally:
+            if collecting:
+                gc.enable()
+        tokenizer, tok_dir = tok_job.result()
     if config["eos_token_id"] is None and getattr(tokenizer, "eos_token_id", None) is not None:
         config["eos_token_id"] = tokenizer.eos_token_id
     args = ModelArgs.from_hf_config(_Config(config))

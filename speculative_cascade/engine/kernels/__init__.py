@@ -154,6 +154,8 @@ class Kernels:
         lib.sc_qr_dequant.argtypes = [ctypes.c_int, P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P]
         lib.sc_qr_dequant.restype = None
         lib.sc_qr_native.restype = ctypes.c_int
+        lib.sc_gguf_dequant.argtypes = [ctypes.c_int, P, ctypes.c_int, ctypes.c_int, P]
+        lib.sc_gguf_dequant.restype = None
         st = path.stat()
         return cls(variant, lib, lib.sc_vector_width(), lib.sc_rows_per_pass(), f"{st.st_size:x}-{int(st.st_mtime):x}")
 

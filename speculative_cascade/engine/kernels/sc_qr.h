@@ -151,6 +151,26 @@ int sc_qr_repack(int qt, const uint8_t *src, const int *rows, int n, int k, uint
     return bad;
 }
 
+/* n GGUF rows of k values of type qt (row_bytes apart, from src) dequantized into out (n, k): the
+ * file's values, for lookups in an embedding table kept as stored. */
+void sc_gguf_dequant(int qt, const uint8_t *src, int n, int k, float *out) {
+    const qr_type t = QR_T[qt];
+    const size_t row_bytes = (size_t)k / QR_GGUF_BLOCK[qt][0] * QR_GGUF_BLOCK[qt][1];
+    for (int i = 0; i < n; i++)
+        for (int s = 0; s < k / t.S; s++) {
+            uint8_t u[256];
+            int sc[16], mn[16];
+            uint16_t d, dm;
+            qr_unpack(qt, src + (size_t)i * row_bytes, s, u, sc, mn, &d, &dm);
+            double dd = half_to_float(d), mm = half_to_float(dm);
+            for (int x = 0; x < t.S; x++) {
+                int j = x / t.G;
+                double v = dd * (t.sc ? sc[j] : 1) * (u[x] - t.zero) + (t.mn ? mm * (t.mn == 2 ? mn[j] : 1) : 0.0);
+                out[(size_t)i * k + (size_t)s * t.S + x] = (float)v;
+            }
+        }
+}
+
 /* Row n's code at input i of super-block record r, and its sub-block's scale and min. */
 static inline int qr_code(const qr_type *t, const uint8_t *r, int l, int i) {
     if (t->bits == 8) return r[(size_t)(i / 4) * 64 + 4 * l + i % 4];
