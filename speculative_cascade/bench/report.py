@@ -89,6 +89,7 @@ class MethodReport:
     prediction_terms: dict | None = None  # the measured counterpart of each predicted term, and the largest miss
     identical_to_ar: bool | None = None
     prompts_differing_from_ar: list | None = None
+    agreement_with_ar: float | None = None  # share of ar's tokens matched before the first difference
     speedup_vs_ar: float | None = None
     speedup_vs_hf: float | None = None
     peak_rss_mb: float | None = None
@@ -153,6 +154,7 @@ def method_report(rows: list[dict], results: list, ref: list | None) -> MethodRe
         same = [r.token_ids == a.token_ids for r, a in zip(results, ref)]
         m.identical_to_ar = all(same)
         m.prompts_differing_from_ar = [row["id"] for row, s in zip(rows, same) if not s]
+        m.agreement_with_ar = _agreement([r.token_ids for r in results], [a.token_ids for a in ref])
     return m
 
 
@@ -249,8 +251,22 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def _yes(v: bool | None) -> str:
+def _yes(v: bool | None, agreement: float | None = None) -> str:
+    if v is False and agreement is not None:
+        return f"NO ({agreement:.0%})"
     return {True: "yes", False: "NO"}.get(v, "-")
+
+
+def _agreement(outs: list[list[int]], refs: list[list[int]]) -> float:
+    """The share of the reference's tokens that an output matches before its first difference."""
+    same = total = 0
+    for o, r in zip(outs, refs):
+        n = 0
+        while n < min(len(o), len(r)) and o[n] == r[n]:
+            n += 1
+        same += n
+        total += len(r)
+    return same / total if total else 1.0
 
 
 STAGE_COLUMNS = ("stage", "forwards", "tokens in", "proposed", "accepted", "gamma", "rate", "time s", "share")
@@ -319,7 +335,7 @@ def print_terminal(report: BenchReport, console: Console) -> None:
             f"{m.speedup_vs_ar:.2f}x" if m.speedup_vs_ar is not None else "-",
             _fmt(m.acceptance_rate, ".1%"),
             _fmt(m.mean_accepted_length, ".2f"),
-            _yes(m.identical_to_ar),
+            _yes(m.identical_to_ar, m.agreement_with_ar),
             _fmt((m.sampling_check or {}).get("p_value"), ".2g"),
         )
     console.print(t)
@@ -453,7 +469,7 @@ def markdown(report: BenchReport) -> str:
                 _fmt(m.mean_accepted_length, ".2f"),
                 _fmt(m.peak_rss_mb, ".0f"),
                 _fmt(m.perplexity, ".4f"),
-                _yes(m.identical_to_ar),
+                _yes(m.identical_to_ar, m.agreement_with_ar),
                 _fmt((m.sampling_check or {}).get("p_value"), ".2g"),
             )
         )
