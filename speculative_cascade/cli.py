@@ -382,6 +382,7 @@ def describe(model) -> dict:
 def bench(
     prompts: Optional[Path] = typer.Option(None, help="Spec-Bench style JSONL (first turn of each line)."),
     per_category: int = typer.Option(2, "--per-category", help="Prompts per category (0 = all)."),
+    max_prompts: int = typer.Option(0, "--max-prompts", help="At most this many of those prompts (0 = all)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
     methods: str = typer.Option("hf,ar,spec", help="Comma-separated methods; see --list-methods."),
     target: str = typer.Option("default", "--target", "-t", help=TARGET_HELP),
@@ -418,6 +419,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",") if m.strip()],
             prompts=prompts,
             per_category=per_category,
+            max_prompts=max_prompts,
             max_new_tokens=max_new_tokens,
             target=target,
             precision=precision,

@@ -47,6 +47,7 @@ class BenchSettings:
     predict: bool = True
     sampling_check: int = 100
     repeats: int = 3  # runs of each method on each prompt, taking turns; the median run counts
+    max_prompts: int = 0  # at most this many prompts after the per-category choice (0: all)
 
     def check(self) -> None:
         """Every mistake in the options, before anything is loaded."""
@@ -86,6 +87,9 @@ def run_bench(settings: BenchSettings, *, quiet: bool = False) -> BenchReport:
     settings.check()
     custom = CascadeConfig.from_file(settings.cascade) if settings.cascade is not None else None
     rows = load_prompts(settings.prompts, settings.per_category)
+    if settings.max_prompts < 0:
+        raise CascadeError("--max-prompts must be >= 0")
+    rows = rows[: settings.max_prompts or None]
     console = Console(stderr=True, quiet=quiet)
     loaded = load_model(settings.target, precision=settings.precision)
     machine = _machine(loaded.model)

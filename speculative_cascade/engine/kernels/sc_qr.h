@@ -4,8 +4,10 @@
  * Layout (the same for every variant): rows in blocks of QR_ROWS = 16, each block a run of records,
  * one per super-block of S inputs, front to back:
  *   codes  S / 4 chunks of 4 inputs, 64 bytes a chunk: row r at bytes 4r..4r+3 (8-bit codes);
- *          4-bit codes: per sub-block of 32, four 64-byte vectors v, row r's 4 bytes holding
- *          inputs 4v..4v+3 in their low nibbles and 16+4v..16+4v+3 in their high ones
+ *          4-bit codes: per 32 inputs, four 64-byte vectors v, row r's 4 bytes holding
+ *          inputs 4v..4v+3 in their low nibbles and 16+4v..16+4v+3 in their high ones;
+ *          6-bit codes (Q6_K): the 4-bit layout of the low bits, then per 32 inputs two vectors
+ *          of the top two bits (vector v / 2, bits (v & 1) * 4 of a byte: the low nibble's, + 2: the high's)
  *   sc     per sub-block of G inputs, 16 integer scales (u8, or s8 for Q6_K)   [K-quants]
  *   mn     per sub-block, 16 integer mins (u8)                                 [Q4_K]
  *   d, dm  16 fp16 scales, 16 fp16 min multipliers (the file's own)             [dm: Q4_1, Q4_K]
@@ -32,9 +34,10 @@ static const qr_type QR_T[QR_TYPES] = {
     {32, 32, 4, 0, 0, 1},   /* Q4_1: d * q + m */
     {32, 32, 8, 128, 0, 0}, /* Q8_0: d * q, stored as q + 128 */
     {256, 32, 4, 0, 1, 2},  /* Q4_K: d * sc * q - dmin * mn */
-    {256, 16, 8, 32, 2, 0}, /* Q6_K: d * sc * (q - 32) */
+    {256, 16, 6, 32, 2, 0}, /* Q6_K: d * sc * (q - 32): 4-bit layout for the low bits, 2 more bits each */
 };
 #define QR_CODES(t) (QR_ROWS * (t).S * (t).bits / 8)
+#define QR_HI2 (QR_ROWS * 256 / 2) /* 6-bit codes (S = 256): where the top two bits follow the nibbles */
 #define QR_SCB(t) ((t).sc ? QR_ROWS * (t).S / (t).G : 0)
 #define QR_MNB(t) ((t).mn == 2 ? QR_ROWS * (t).S / (t).G : 0)
 /* a record: codes, scales, mins, then d (and dm) as the file's fp16, rounded up to whole cache lines */
@@ -143,9 +146,13 @@ int sc_qr_repack(int qt, const uint8_t *src, const int *rows, int n, int k, uint
             else
                 for (int j = 0; j < t.S / 32; j++)
                     for (int v = 0; v < 4; v++)
-                        for (int i = 0; i < 4; i++)
-                            codes[(size_t)(j * 4 + v) * 64 + 4 * l + i] =
-                                (uint8_t)(u[32 * j + 4 * v + i] | u[32 * j + 16 + 4 * v + i] << 4);
+                        for (int i = 0; i < 4; i++) {
+                            int a = u[32 * j + 4 * v + i], c = u[32 * j + 16 + 4 * v + i];
+                            codes[(size_t)(j * 4 + v) * 64 + 4 * l + i] = (uint8_t)((a & 15) | (c & 15) << 4);
+                            if (t.bits == 6) /* bits 4-5 of both, at (v & 1) * 4 and + 2 of their byte */
+                                codes[QR_HI2 + (size_t)(j * 2 + v / 2) * 64 + 4 * l + i] |=
+                                    (uint8_t)(((a >> 4) | (c >> 4) << 2) << ((v & 1) * 4));
+                        }
         }
     }
     return bad;
@@ -176,7 +183,9 @@ static inline int qr_code(const qr_type *t, const uint8_t *r, int l, int i) {
     if (t->bits == 8) return r[(size_t)(i / 4) * 64 + 4 * l + i % 4];
     int j = i / 32, w = i % 32, hi = w >= 16, v = (w % 16) / 4;
     uint8_t byte = r[(size_t)(j * 4 + v) * 64 + 4 * l + w % 4];
-    return hi ? byte >> 4 : byte & 15;
+    int q = hi ? byte >> 4 : byte & 15;
+    if (t->bits == 6) q |= ((r[QR_HI2 + (size_t)(j * 2 + v / 2) * 64 + 4 * l + w % 4] >> ((v & 1) * 4 + 2 * hi)) & 3) << 4;
+    return q;
 }
 
 /* Rows row0..row0+m-1 of W (type qt) dequantized into out (m, k), fp32 (double arithmetic, one rounding). */
@@ -314,6 +323,47 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
                 xq[r] = a.qx + (size_t)(t0 + r) * K + (size_t)s * t.S + (size_t)j * t.G;
                 xsj[r] = qr_xs(&t, a.xs + (size_t)(t0 + r) * (K / 16), s, j);
             }
+            if (t.bits == 6) { /* Q6_K: sub-blocks j (the low nibbles' inputs) and j + 1 (the high ones') at once */
+                if (j & 1) continue;
+                const int g = j / 2;
+                int xs1[6];
+                SC_UNROLL for (int r = 0; r < R; r++) xs1[r] = qr_xs(&t, a.xs + (size_t)(t0 + r) * (K / 16), s, j + 1);
+                qi sc0 = qi_s8(scp + j * QR_ROWS), sc1 = qi_s8(scp + (j + 1) * QR_ROWS), I[6];
+#ifdef QR_DP
+                qi A[6], B[6];
+                SC_UNROLL for (int r = 0; r < R; r++) A[r] = qi_splat(-t.zero * xsj[r]), B[r] = qi_splat(-t.zero * xs1[r]);
+#else
+                qi s16a = qi_or(qi_and(sc0, qi_splat(0xFFFF)), qi_shl16(sc0)), s16b = qi_or(qi_and(sc1, qi_splat(0xFFFF)), qi_shl16(sc1));
+                qi PA[6], PB[6];
+#endif
+                SC_UNROLL for (int v = 0; v < 4; v++) {
+                    qi raw = qi_load(codes + (size_t)(g * 4 + v) * 64), H = qi_load(codes + QR_HI2 + (size_t)(g * 2 + v / 2) * 64);
+                    qi h0 = v & 1 ? H : qi_sll16(H, 4), h1 = v & 1 ? qi_srl16(H, 2) : qi_sll16(H, 2); /* bits 4-5 */
+                    qi lo = qi_or(qi_lo4(raw), qi_and(h0, qi_bytes(0x30))), hi = qi_or(qi_hi4(raw), qi_and(h1, qi_bytes(0x30)));
+                    SC_UNROLL for (int r = 0; r < R; r++) {
+#ifdef QR_DP
+                        A[r] = qi_dot(A[r], lo, qr_bc(xq[r] + 4 * v));
+                        B[r] = qi_dot(B[r], hi, qr_bc(xq[r] + 16 + 4 * v));
+#else /* codes 0..63: two chunks' pairs fit 16 bits */
+                        qi pa = qi_pairs(lo, qr_bc(xq[r] + 4 * v)), pb = qi_pairs(hi, qr_bc(xq[r] + 16 + 4 * v));
+                        if (v & 1) {
+                            qi m = qi_add(qi_madd(qi_add16(PA[r], pa), s16a), qi_madd(qi_add16(PB[r], pb), s16b));
+                            I[r] = v == 1 ? m : qi_add(I[r], m);
+                        } else
+                            PA[r] = pa, PB[r] = pb;
+#endif
+                    }
+                }
+                SC_UNROLL for (int r = 0; r < R; r++) {
+#ifdef QR_DP
+                    I[r] = qi_add(qi_mul(A[r], sc0), qi_mul(B[r], sc1));
+#else
+                    I[r] = qi_sub(I[r], qi_add(qi_mul(sc0, qi_splat(t.zero * xsj[r])), qi_mul(sc1, qi_splat(t.zero * xs1[r]))));
+#endif
+                    isum[r] = j ? qi_add(isum[r], I[r]) : I[r];
+                }
+                continue;
+            }
             qi scv = t.sc == 1 ? qi_u8(scp + j * QR_ROWS) : t.sc == 2 ? qi_s8(scp + j * QR_ROWS) : qi_splat(1);
             qi I[6];
 #ifdef QR_DP
@@ -354,14 +404,6 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
                     }
                 }
                 SC_UNROLL for (int r = 0; r < R; r++) I[r] = qi_madd(P[r], sc16);
-            } else if (qt == QR_Q6_K) { /* codes 0..63: two chunks' pairs fit 16 bits */
-                SC_UNROLL for (int c = 0; c < t.G / 4; c += 2) {
-                    qi w0 = qi_load(codes + (size_t)(j * t.G / 4 + c) * 64), w1 = qi_load(codes + (size_t)(j * t.G / 4 + c + 1) * 64);
-                    SC_UNROLL for (int r = 0; r < R; r++) {
-                        qi p = qi_madd(qi_add16(qi_pairs(w0, qr_bc(xq[r] + 4 * c)), qi_pairs(w1, qr_bc(xq[r] + 4 * c + 4))), sc16);
-                        I[r] = c ? qi_add(I[r], p) : p;
-                    }
-                }
             } else { /* Q8_0: signed codes (q + 128 with its top bit flipped), the sign trick */
                 SC_UNROLL for (int c = 0; c < t.G / 4; c++) {
                     qi w = qi_flip(qi_load(codes + (size_t)(j * t.G / 4 + c) * 64));
