@@ -4,35 +4,22 @@ checks (``k``, 0 = plain decoding), from what this generation has measured so fa
 The choice maximises the expected rate of one round (the cost model's closed form,
 ``cost/analytic.py``): ``E(k) / (D(k) + T(k + 1))``, where
 
-* ``E(k) = 1 + sum_{i<k} P_i`` tokens come out of a round (``P_i``: positions ``0..i`` all accepted),
-  from the acceptance seen in this generation per position, over a prior: Beta(1, 1) for the
-  first position, and for each later one the estimate of the position before it (acceptance by
-  position falls slowly, 0.98, 0.96, 0.95, ... for the INT8 draft, so a position not yet tried
-  is expected to do about as well as the one before it; with an uninformed 1/2 there, a
-  controller that started with short drafts would never learn that longer ones pay);
-  A lookup drafter that says where each proposed token comes from (MaG's ``kinds``: how far back
-  the match it copies reaches) is judged token by token instead: each token's acceptance is
-  the one seen for its reach class (``reach_class``), since a copy that matches the last 12
-  tokens is accepted far more often than one that matches the last 3, within one answer;
-* ``D(k)`` is the drafting time (``k`` times the drafter's measured cost per token; a drafter
-  that is a lookup, such as MaG, proposes first at almost no cost, and ``k`` is then chosen
-  among the tokens it proposed);
-* ``T(n)`` is the target's forward over ``n`` tokens, measured in the loop; where ``n`` has not
-  been measured yet, the measured one-token time times a ratio ``T(n) / T(1)`` from the
-  calibration cache of this machine (else the prior below), whose excess over 1 is scaled by
-  what this generation's forwards over other numbers of tokens measured against it (an extra
-  token costs more at a long context: ``excess_scale``).
+* ``E(k) = 1 + sum_{i<k} P_i`` (``P_i``: positions ``0..i`` all accepted), from this generation's
+  acceptance by position over a prior (Beta(1, 1) for the first position, each later one starting
+  from the one before it, since acceptance falls slowly with the position); a lookup drafter that
+  says how far back each copied token's match reaches (MaG's ``kinds``) is judged token by token
+  by its reach class (``reach_class``);
+* ``D(k)`` is the drafting time (a lookup such as MaG proposes first, almost free, and ``k`` is
+  chosen among its tokens);
+* ``T(n)`` is the target's forward over ``n`` tokens, measured in the loop, else the one-token time
+  times the calibrated ``T(n) / T(1)``, its excess over 1 scaled to this context (``excess_scale``).
 
-Losslessness: ``k`` is chosen from tokens already emitted and from timings, never from the
-target's scores of the tokens it is about to verify, and verification itself is unchanged. A
-greedy round of any ``k`` emits the target's own next tokens, so the output is the target's
-greedy output; with sampling, speculative sampling of any ``k`` fixed before the target's
-scores are drawn emits tokens distributed exactly as the target's, so a ``k`` chosen from the
-past keeps every token's distribution exact (the stopping rule is independent of the future).
+Losslessness: ``k`` is chosen from tokens already emitted and from timings, never from the target's
+scores of the tokens it is about to verify, and verification is unchanged; greedy output is the
+target's, and sampled tokens keep the target's distribution (the stopping rule does not look ahead).
 
-The calibration cache (:class:`Calibration`) keeps, per model, CPU and kernel variant, the
-target's ``T(n) / T(1)`` and each drafter's acceptance by position, so that a later run
-starts from what earlier ones measured; each generation updates it.
+The calibration cache (:class:`Calibration`) keeps, per model, CPU and kernel variant, the target's
+``T(n) / T(1)`` and each drafter's acceptance by position, for later runs; each generation updates it.
 """
 
 from __future__ import annotations

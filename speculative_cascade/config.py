@@ -1,7 +1,5 @@
-"""Cascade configuration: a typed dataclass, read from options, a dict, or a TOML/YAML/JSON
-file (``builder.build_round`` turns it into stages and a round).
-
-Stages are listed smallest first and exclude the target::
+"""Cascade configuration, read from options, a dict, or a TOML/YAML/JSON file (``builder.build_round``
+turns it into stages and a round). Stages are listed smallest first and exclude the target::
 
     [cascade]
     stages = ["mag", "int8"]   # stage 0 drafts for stage 1 (the INT8 draft), which drafts for the target
@@ -14,7 +12,7 @@ Stages are listed smallest first and exclude the target::
     tree_nodes = 32            # tree: nodes stage 0 drafts, at most tree_width per level;
     tree_width = 4             #       the filter stage keeps tree_keep of them for the target
     tree_keep = 8
-    precision = "stored"       # the target as stored (GGUF blocks, bf16; int8 activations), "exact" or "fp32"
+    precision = "stored"       # the target as stored (GGUF blocks, bf16), "int8" (int8 activations) or "fp32"
 
 A stage is ``int8`` (an INT8 copy of the target), ``int4`` (a 4-bit copy: groups of 32
 with scale and min, INT8 output projection), ``fp32`` (the target's own weights with a cache
@@ -71,8 +69,8 @@ class CascadeConfig:
             raise CascadeError("the cascade needs at least one drafting stage")
         if self.mode not in MODES:
             raise CascadeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.precision not in ("stored", "exact", "fp32"):
-            raise CascadeError(f"precision must be 'stored', 'exact' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("stored", "int8", "fp32"):
+            raise CascadeError(f"precision must be 'stored', 'int8' or 'fp32', got {self.precision!r}")
         if self.lenience < 1.0:
             raise CascadeError(f"lenience must be >= 1, got {self.lenience}")
         if not 1 <= self.mag_min_ngram <= 8:

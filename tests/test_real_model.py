@@ -23,15 +23,15 @@ def test_native_logits_match_transformers(smol):
 
     from speculative_cascade.engine.loader import load_model
 
-    lm = load_model(None, precision="exact")  # the GGUF file's own Q4_1 / Q8_0 blocks, fp32 activations
+    lm = load_model(None)  # the GGUF file's own Q4_1 / Q8_0 blocks, fp32 activations
     src = Path(lm.source)
     hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32).eval()
     ids = torch.tensor([lm.tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         ref = hf(ids).logits
         torch.testing.assert_close(lm.model(ids, lm.model.new_cache(32)), ref, rtol=1e-3, atol=1e-3)
-        # the default: the same blocks with int8 activations (llama.cpp's arithmetic): close, the same argmax
-        stored = load_model(None)
+        # the same blocks with int8 activations (llama.cpp's arithmetic): close, the same argmax
+        stored = load_model(None, precision="int8")
         got = stored.model(ids, stored.model.new_cache(32))
     assert stored.model.weight_format.startswith("QR")
     assert float((got - ref).norm() / ref.norm()) < 0.05

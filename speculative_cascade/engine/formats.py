@@ -1,30 +1,22 @@
 """Weight matrices in the formats the kernels read: the model's stored format, not fp32 copies.
 
-A :class:`PackedWeight` is an ``(N, K)`` matrix in one of six layouts (``Format``, the same
-numbers as ``SC_*`` in ``kernels/sc_kernels.h``):
+A :class:`PackedWeight` is an ``(N, K)`` matrix in one of the layouts of ``Format`` (the same
+numbers as ``SC_*`` in ``kernels/sc_kernels.h``; docs/kernels.md):
 
-========  ============================================  ===========================================
-format    data                                          dequantized weight
-========  ============================================  ===========================================
-F32       float32 (N, K)                                as is
-F16       float16 (N, K)                                exact widening
-BF16      bfloat16 (N, K)                               exact widening
-I8        int8 (N, K), ``sm`` (N, K / group, 2)         ``q * scale + min`` per group, one rounding
-Q4        uint8 (N/8, K/32, 8, 16), ``sm`` likewise     same, 4-bit ``q`` (GGML Q4_1 nibble order)
-I8Q8      as I8, one group per row, no mins             as I8; the *activations* are quantized too
-========  ============================================  ===========================================
+========  =====================================================  ==============================
+format    data                                                   activations
+========  =====================================================  ==============================
+F32/F16/  dense (N, K)                                           fp32
+BF16
+I8, Q4    int8 or 4-bit codes, an exact (scale, min) per group   fp32 (``--precision stored``)
+I8Q8      I8, one scale per row (drafts only)                    int8 per 32
+QR        GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks repacked, rows    int8 per super-block (``int8``)
+          interleaved by 16 (``kernels/sc_qr.h``)
+RAW       GGUF blocks as stored (embedding lookups only)         -
+========  =====================================================  ==============================
 
-GGUF's Q8_0 (I8, groups of 32), Q4_0, Q4_1 and Q4_K (Q4: the K-quant's 6-bit sub-block
-scales are folded into exact fp32 scales and mins) and Q6_K (I8, groups of 16) are
-repacked without changing a single dequantized value (Q4 rows interleaved in blocks of
-eight, group by group, so a kernel reading eight rows streams one contiguous block); other GGUF types are dequantized
-to F32 by the ``gguf`` package.
-
-I8Q8 is for drafts only: the kernels quantize each row of activations to int8 per block of 32
-inputs (scale ``amax / 127``, GGML's Q8 way, :func:`q8_activations`) and take integer dot
-products (``vpmaddubsw`` on x86-64), about half the instructions a weight of widening int8 to
-fp32. Approximate, so never a target's format: only the target decides what is emitted.
-The INT8 drafts are I8Q8 where ``K`` is a multiple of 64, else I8 with one group per row.
+Every GGUF value is kept exactly in each layout; only QR and I8Q8 round the activations. Other
+GGUF types are dequantized to F32 by the ``gguf`` package.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from .hf_fallback import HFCausalLM
 from .tokenizer import FastTokenizer
 from .transformer import SUPPORTED_ARCHITECTURES, ModelArgs, Transformer, rope_row_order
 
-PRECISIONS = ("stored", "exact", "fp32")
+PRECISIONS = ("stored", "int8", "fp32")
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -342,17 +342,17 @@ def gguf_config(reader) -> dict | None:
     }
 
 
-def gguf_state_dict(reader, config: dict, precision: str = "exact") -> dict:
+def gguf_state_dict(reader, config: dict, precision: str = "stored") -> dict:
     """The file's tensors under Hugging Face names, matrices as :class:`PackedWeight` in their own format.
 
-    ``precision="stored"``: quantized matrices repacked for int8 activations (Format.QR), their
+    ``precision="int8"``: quantized matrices repacked for int8 activations (Format.QR), their
     q and k rows taken straight in the decoder's RoPE order, the embedding table kept as the
     file's blocks (Format.RAW; a tied head gets its own QR copy), each tensor's pages dropped
     once read. Otherwise llama.cpp's interleaved q and k rows of a llama model are put back in
     Hugging Face order (an exact row permutation; the model permutes them again)."""
 
     sd: dict = {}
-    if precision == "stored":
+    if precision == "int8":
         sd = _gguf_qr_tensors(reader, config)
     for t in reader.tensors:
         shape = [int(d) for d in t.shape][::-1]  # GGUF lists dimensions innermost first

@@ -11,7 +11,8 @@ advanced by ``T`` after the forward; the caller rolls back what it rejects.
 
 Weights are the Hugging Face ones with q/k/v and gate/up fused into single matrices, each a
 :class:`~.formats.PackedWeight` in the format it was stored in (a GGUF file's quantized
-blocks, a safetensors file's bf16, ...); activations are fp32.
+blocks, a safetensors file's bf16, ...); activations are fp32, rounded to int8 inside the products
+of QR matrices (``precision="int8"``: llama.cpp's arithmetic; docs/kernels.md).
 
 With the C kernels (``kernels/``) every forward (prefill, decoding, chain and tree
 verification, each row of a batch) is one call per row into ``sc_forward``, which is
@@ -601,8 +602,8 @@ class Transformer(nn.Module):
 
         Values may be tensors or :class:`PackedWeight`. ``precision="stored"`` keeps each matrix
         in its format (bf16, fp16, GGUF blocks); ``"fp32"`` dequantizes every matrix to fp32."""
-        if precision not in ("stored", "exact", "fp32"):
-            raise ValueError(f"precision must be 'stored', 'exact' or 'fp32', got {precision!r}")
+        if precision not in ("stored", "int8", "fp32"):
+            raise ValueError(f"precision must be 'stored', 'int8' or 'fp32', got {precision!r}")
 
         def take(name: str):
             if name not in sd:

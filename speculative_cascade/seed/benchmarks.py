@@ -22,12 +22,16 @@ OFFLINE_DATASETS = {"pg19", "cnn_dailymail", "cnn-dailymail", "xsum", "gsm8k", "
 
 
 def bench_argv(args: argparse.Namespace, methods: str) -> list[str]:
-    names = []
+    names, skipped = [], []
     for m in (x.strip().lower() for x in methods.split(",") if x.strip()):
         if m in UNSUPPORTED:
-            print(f"note: skipping {m!r}: it needs trained heads this project does not ship", file=sys.stderr)
+            skipped.append(m)
             continue
         names.append(ALIASES.get(m, m))
+    if skipped and not names:
+        raise SystemExit(f"error: method(s) {', '.join(skipped)} need trained heads this project does not ship")
+    for m in skipped:
+        print(f"note: skipping {m!r}: it needs trained heads this project does not ship", file=sys.stderr)
     if "ar" not in names:  # the reference every other method's speed and output are compared with
         names.insert(0, "ar")
     argv = ["bench", "--methods", ",".join(names), "--max-new-tokens", str(args.max_new_tokens)]

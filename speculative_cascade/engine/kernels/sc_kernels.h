@@ -1,48 +1,21 @@
-/* The decoder's CPU kernels, written once and compiled once per instruction set.
+/* The decoder's CPU kernels, written once and compiled once per instruction set (docs/kernels.md).
  *
- * Each variant file (avx512.c, avx2.c, generic.c, neon.c) defines the vector type and a few
- * primitives for its instruction set, plus its register blocking, then includes this file:
+ * Each variant file (avx512.c, avx2.c, generic.c, neon.c) defines its vector type and primitives, then
+ * includes this file: SC_VARIANT (name), VW (fp32 lanes; vf the GCC vector type), vfma, vdeq (q * d + m,
+ * one rounding), vload, vsplat, cvt_i8, cvt_f16, cvt_bf16, half_to_float; its register blocking RMAX
+ * (rows of x a pass, at most 6) and RB_FOR(R) (weight rows a block; RB_DENSE, RB_I8, RB_Q4 per format);
+ * optionally SC_HSUM/SC_HSUM8 (the lanes' tree sum in registers), SC_LUT16 (4-bit lookups),
+ * SC_DOT4_I8 (I8Q8's integer dot) and QR_SIMD with the qi_* primitives of sc_qr.h.
  *
- *   SC_VARIANT          the variant's name
- *   VW                  fp32 lanes per vector; vf the vector type (GCC vector extension)
- *   vfma(a, b, c)       a * b + c (one rounding where the ISA has FMA)
- *   vdeq(q, d, m)       q * d + m with one rounding (dequantization); vfma unless defined
- *   vload(p), vsplat(x)
- *   cvt_i8(p)           VW int8          -> vf
- *   LD_U8(p)            optional: VW bytes zero-extended to 32-bit lanes (else GCC's portable vectors)
- *   cvt_f16(p), cvt_bf16(p), half_to_float(h)
- *   RMAX, RB_FOR(R)     rows of x per pass (1..RMAX) and weight rows per block for R rows
- *   RB_DENSE(R), RB_I8(R), RB_Q4(R) optional: the same for fp32/fp16/bf16, int8 and 4-bit weights (default RB_FOR)
- *   SC_HSUM             optional: hsum(v), the lanes' sum in the generic tree's order, bit for bit
- *   SC_HSUM8            optional: hsum8(a, out) gives hsum of eight vectors at once, bit for bit
- *   SC_LUT16            optional, VW == 16: lut_u4(p, hi, lut) looks 16 nibbles up in a vector of
- *                       the group's 16 dequantized values (one permute instead of convert + FMA)
- *   SC_DOT4_I8          optional: dot4_i8(w, xa, xq), 4 VW int8 weights times int8 activations (xa = |xq|),
- *                       lane l the sum of the products of bytes 4l..4l+3 (else a scalar loop)
+ * Weights stay in their stored format (sc_mat.fmt = engine/formats.py's Format): fp32, fp16, bf16; int8
+ * or 4-bit codes with a (scale, min) per group (GGML Q4_1 nibble order, rows interleaved by Q4_ROWS),
+ * dequantized in registers against fp32 activations; I8Q8 (drafts only) and QR (sc_qr.h: GGUF blocks
+ * against int8 activations) take integer dot products.
  *
- * Weights stay in their stored format (sc_mat.fmt, mirrored by engine/formats.py's Format):
- * fp32, fp16, bf16, int8 with a (scale, min) pair per group of `group` inputs, or 4-bit
- * nibbles with a (scale, min) pair per 32 (GGML's Q4_1 layout: byte i of a group holds
- * element i in its low nibble and element i + 16 in its high one), rows interleaved in blocks
- * of Q4_ROWS: group by group, the block's rows' 16 bytes (and scale pairs) follow each other,
- * so a tile of weight rows reads one contiguous stream. RB_Q4(R) divides Q4_ROWS. A 4-bit
- * weight vector is dequantized in registers (q * scale + min, one rounding: exactly the fp32
- * dequantization) and multiplied into fp32 accumulators. An int8 group's codes are multiplied
- * with x first (one chain per group), and the sum is scaled into the accumulator: one multiply
- * per weight fewer (Q8_0's output head, the INT8 drafts), and the mins' part, when a matrix
- * has mins, is sum_g min_g * sum(x over g), added after. Activations stay fp32, except for
- * I8Q8, a draft-only format: int8 weights with one scale per row times activations quantized
- * to int8 per block of 32 (GGML's Q8 way), integer dot products scaled per block. Approximate
- * (the activations lose precision), so never a target's: only drafts use it.
- *
- * Batch invariance: output (m, n) is one accumulator chain over k in a fixed order, reduced
- * in a fixed lane order, whatever the number of rows M, the row's place in the pass, the
- * block size or the thread split. So a row's result of an M-row product is bit-identical to
- * the one-row product, and a forward over T tokens gives each token the logits of a forward
- * over that token alone (attention likewise: one job per token and head, over its visible
- * slots in slot order). Greedy speculative decoding therefore emits exactly plain decoding's
- * tokens. The register blocking only decides how many chains run side by side.
- */
+ * Batch invariance: output (m, n) is one accumulation in a fixed order whatever the number of rows M,
+ * the row's place in the pass, the block size or the thread split, so a forward over T tokens gives
+ * each token the logits of a forward over that token alone; the register blocking only decides how
+ * many chains run side by side. Greedy speculative decoding therefore emits plain decoding's tokens. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -615,14 +588,10 @@ static __attribute__((noinline)) void q4_block_passes(const sc_mat *W, const flo
 #endif
 #if DENSE_ROW1
 /* Inside a parallel region: one row of x against a dense matrix (fp32, fp16, bf16), its weight rows
- * one after another, without the software prefetch: each thread reads its share of the matrix as
- * one stream, front to back, which the hardware prefetcher runs ahead of. The same sums as the
- * blocks of rows (a weight row's chain and reduction do not depend on the rows read beside it).
- * Measured on a Zen 4 EPYC, whose blocks of 8 rows side by side (8 streams) read ~0.78x the
- * streaming probe with the software prefetch and ~0.62x without: one row at a time ~1.03x (a
- * matrix of 538 MB, rows of 576), and the fp32 target's one-token forwards 15-19% faster in the
- * VM's fast bandwidth state, ~7-10% in its slow one, with avx512 and avx2 alike. A function of its
- * own, so that the blocks' code is the same as without it. */
+ * one after another without software prefetch, so each thread reads its share as one stream that
+ * the hardware prefetcher runs ahead of (docs/performance-log.md: ~1.03x the streaming probe against
+ * ~0.78x for blocks of 8 rows). The same sums as the blocks (a row's chain does not depend on the
+ * rows beside it). A function of its own, so that the blocks' code is the same as without it. */
 static __attribute__((noinline)) void par_row1_dense(const sc_mat *W, const float *x, float *y) {
 #pragma omp for schedule(static)
     for (int n = 0; n < W->n; n++) {
@@ -781,13 +750,11 @@ static inline __attribute__((always_inline)) void pv_chunk(const int NA, const f
     }
 }
 
-/* Attention of one layer for the T new tokens of a batch (inside a parallel region).
- *   qkv (T, (nh + 2 nkv) hd), q and k rows in interleaved RoPE order; rot (T, hd / 2, 2) (cos, sin)
- *   layer_off: the layer's offset in every cache; new tokens go to slots start + t of their sequence
- *   q (T, nh, hd) scratch; part: T_BLOCK * nh * max_chunks * (hd + 2) floats; sc: this thread's
- *   group * KV_CHUNK floats; n_vis: visible slots per token; out (T, nh hd).
- * Tokens are taken T_BLOCK at a time across sequences, so a batch of one-token sequences costs the
- * barriers of one forward; each token's arithmetic is the same whatever its block. */
+/* Attention of one layer for the T new tokens of a batch (inside a parallel region): qkv (T, (nh + 2 nkv)
+ * hd), q and k in interleaved RoPE order; rot (T, hd / 2, 2); new keys go to slot start + t of their
+ * sequence's cache at layer_off; q, part (T_BLOCK * nh * max_chunks * (hd + 2)) and sc (this thread's
+ * group * KV_CHUNK) are scratch; out (T, nh hd). Tokens are taken T_BLOCK at a time across sequences
+ * (one forward's barriers for a batch of one-token sequences); a token's arithmetic is the same in any block. */
 static void attention(const float *qkv, const float *rot, const sc_batch *bt, size_t layer_off, float *q, float *part,
                       float *sc, const int *n_vis, float *out, int T, int max_chunks, int nh, int nkv, int hd) {
     int width = (nh + 2 * nkv) * hd, half = hd / 2, group = nh / nkv, stride = hd + 2;
@@ -903,16 +870,12 @@ static void attention(const float *qkv, const float *rot, const sc_batch *bt, si
     }
 }
 
-/* Every decoder layer for the new tokens of n_seq sequences, in one call and one parallel region:
- *   x += Wo attn(RoPE(Wqkv rmsnorm(x)));  x += Wd (silu(Wg h) * Wu h), h = rmsnorm(x)
- * then, when head is given, logits = head rmsnorm(x) (norm weights norm_w) for the last n_outs[s]
- * tokens of each sequence s, one after the other. Sequence s brings Ts[s] new tokens; x (sum Ts, dim)
- * holds them sequence after sequence and is updated in place; rot (sum Ts, hd / 2, 2) likewise.
- * Its layer l's cache is kcs[s] + l * layer_stride (and vcs[s]), laid out (nkv, S_maxs[s], hd), with
- * starts[s] slots filled; masks[s]: (Ts[s], Ts[s]) bytes for a token tree, or NULL (masks NULL: all causal).
- * The matrix products run over every sequence's tokens at once (one read of each weight); attention
- * runs per sequence over its own slots. A token's result is the same whatever it is batched with.
- * Returns 0, or 1 when scratch memory could not be allocated. */
+/* Every decoder layer for the new tokens of n_seq sequences in one call: x += Wo attn(RoPE(Wqkv rmsnorm(x)));
+ * x += Wd (silu(Wg h) * Wu h), h = rmsnorm(x); then (head given) logits = head rmsnorm(x) of the last n_outs[s]
+ * tokens of each sequence. x (sum Ts, dim) and rot hold sequence s's Ts[s] tokens one sequence after another;
+ * its cache is kcs[s]/vcs[s] + l * layer_stride, (nkv, S_maxs[s], hd) with starts[s] slots filled; masks[s]:
+ * (Ts, Ts) bytes of a token tree or NULL (causal). Products read each weight once for every sequence; a
+ * token's result does not depend on its batch. Returns 0, or 1 when scratch could not be allocated. */
 int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *x, int n_seq, const int *Ts,
                      const float *rot, const unsigned char *const *masks, float *const *kcs, float *const *vcs,
                      long long layer_stride, const int *starts, const int *S_maxs, const float *norm_w,
