@@ -91,3 +91,34 @@ def test_shipped_tiny_model_and_bigram_table_fit_the_embedded_target(smol):
     assert table.vocab_size == smol.target.vocab_size
     ids = smol.tokenizer.encode(" the United")
     assert int(tiny(torch.tensor(ids[-1:])).argmax()) == smol.tokenizer.encode(" States")[0]
+
+
+@pytest.fixture(scope="module")
+def smol_int8():
+    from speculative_cascade import SpeculativeGenerator
+
+    try:
+        return SpeculativeGenerator(draft_model=None, max_len=1024, precision="int8")
+    except Exception as e:  # the package with the GGUF file is not installed
+        pytest.skip(f"embedded model unavailable: {e}")
+
+
+@pytest.mark.parametrize(
+    "cascade",
+    [
+        {"stages": ["mag:none", "int8"], "k": [3, 8]},
+        {"stages": ["tiny", "int8"], "mode": "tree", "tree_nodes": 16, "tree_width": 4, "tree_keep": 8},
+        {"stages": ["int4"], "k": [12]},
+    ],
+)
+def test_int8_activations_target_keeps_greedy_identity(smol_int8, cascade):
+    """With the QR products (int8 activations) the target is still batch-invariant: every cascade's greedy
+    output is its plain decoding's, drafts made from the QR matrices included."""
+    from speculative_cascade import SpeculativeGenerator
+
+    assert smol_int8.target.weight_format.startswith("QR")
+    gen = SpeculativeGenerator(smol_int8.target, tokenizer=smol_int8.tokenizer, max_len=1024, cascade=cascade)
+    prompt = "List three uses of a paperclip."
+    assert gen.generate_ids(prompt, max_new_tokens=40, chat=True) == smol_int8.generate_ids(
+        prompt, max_new_tokens=40, chat=True, speculative=False
+    )
