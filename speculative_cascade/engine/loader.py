@@ -372,7 +372,8 @@ def gguf_state_dict(reader, config: dict, precision: str = "stored") -> dict:
         if len(shape) == 1:
             sd[name] = from_gguf(t.data, t.tensor_type, (1, shape[0])).dequantize().flatten()
             continue
-        w = from_gguf(t.data, t.tensor_type, (shape[0], shape[1]))
+        w = from_gguf(t.data, t.tensor_type, (shape[0], shape[1]))  # a copy: the file's pages can go
+        reader.release(t)
         if config["model_type"] == "llama" and ("q_proj" in name or "k_proj" in name):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             order = rope_row_order(heads, config["head_dim"])  # HF row order[i] sits at interleaved row i
