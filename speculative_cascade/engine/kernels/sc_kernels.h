@@ -897,11 +897,14 @@ int sc_forward_batch(const sc_layer *L, int n_layers, const sc_dims *dm, float *
     float *buf = (float *)malloc(need * sizeof(float));
     int kmax = D > att_w ? D : att_w; /* the int8 activations of the widest product's input */
     kmax = kmax > H ? kmax : H;
-    void *qbuf = malloc(qr_act_bytes(T > N ? T : N, kmax));
+    int qr = head && head->fmt == SC_QR; /* int8 activations' scratch, where a QR product runs */
+    for (int l = 0; l < n_layers && !qr; l++)
+        qr = L[l].qkv.fmt == SC_QR || L[l].o.fmt == SC_QR || L[l].gate_up.fmt == SC_QR || L[l].down.fmt == SC_QR;
+    void *qbuf = qr ? malloc(qr_act_bytes(T > N ? T : N, kmax)) : NULL;
     int *n_vis = (int *)malloc((size_t)T * sizeof(int)), *vis_all = NULL, *seg = (int *)malloc((size_t)T * sizeof(int));
     int *off = (int *)malloc((size_t)(n_seq + 1) * sizeof(int)), **vis_new = (int **)calloc(n_seq, sizeof(int *));
     if (vis_n) vis_all = (int *)malloc(vis_n * sizeof(int));
-    if (!buf || !qbuf || !n_vis || !seg || !off || !vis_new || (vis_n && !vis_all)) {
+    if (!buf || (qr && !qbuf) || !n_vis || !seg || !off || !vis_new || (vis_n && !vis_all)) {
         free(buf);
         free(qbuf);
         free(n_vis);

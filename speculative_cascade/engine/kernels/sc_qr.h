@@ -211,23 +211,20 @@ void sc_qr_dequant(int qt, const uint8_t *w, int k, int row0, int m, float *out)
 
 /* ---- activations ---------------------------------------------------------------------------- */
 
-/* x (M, K) quantized per row in blocks of S: codes qx, |codes| xa (for the sign-trick products),
- * sums xs per 16 inputs, scales dx per block. */
+/* x (M, K) quantized per row in blocks of S: codes qx, sums xs per 16 inputs, scales dx per block. */
 typedef struct {
     int8_t *qx;
-    uint8_t *xa;
     int32_t *xs;
     float *dx;
 } qr_act;
 
-/* Bytes of scratch for M rows of K inputs. */
-static size_t qr_act_bytes(int M, int K) { return (size_t)M * K * 2 + (size_t)M * (K / 16) * 4 + (size_t)M * (K / 32) * 4 + 64; }
+/* Bytes of scratch for M rows of K inputs (K a multiple of 32). */
+static size_t qr_act_bytes(int M, int K) { return (size_t)M * K + (size_t)M * (K / 16) * 4 + (size_t)M * (K / 32) * 4 + 64; }
 
 static qr_act qr_act_at(void *buf, int M, int K) {
     qr_act a;
     a.qx = (int8_t *)buf;
-    a.xa = (uint8_t *)(a.qx + (size_t)M * K);
-    a.xs = (int32_t *)(a.xa + (size_t)M * K);
+    a.xs = (int32_t *)(a.qx + (size_t)M * K);
     a.dx = (float *)(a.xs + (size_t)M * (K / 16));
     return a;
 }
@@ -252,17 +249,14 @@ static void par_quantize_qr(int S, const float *x, int M, int K, qr_act a) {
         float inv = amax > 0.f ? 127.0f / amax : 0.f;
         a.dx[(size_t)m * (K / 32) + (size_t)s * S / 32] = amax / 127.0f;
         int8_t *q = a.qx + (size_t)m * K + (size_t)s * S;
-        uint8_t *qa = a.xa + (size_t)m * K + (size_t)s * S;
         int32_t *xs = a.xs + (size_t)m * (K / 16) + (size_t)s * S / 16;
         const vf magic = vsplat(12582912.0f); /* 1.5 * 2^23: adding it rounds half to even, as nearbyintf */
         vi part = {0};
         for (int i = 0; i < S; i += VW) {
             vf r = (vload(xb + i) * vsplat(inv) + magic) - magic;
             vi qi = __builtin_convertvector(r, vi);
-            vi neg = qi < 0; /* lanes of -1 where negative */
-            qr_vc c = __builtin_convertvector(qi, qr_vc), ca = __builtin_convertvector((qi ^ neg) - neg, qr_vc);
+            qr_vc c = __builtin_convertvector(qi, qr_vc);
             memcpy(q + i, &c, sizeof c);
-            memcpy(qa + i, &ca, sizeof ca);
             part += qi;
             if ((i + VW) % 16 == 0) { /* the codes' sum of each 16 inputs */
                 int sum = 0;
@@ -294,6 +288,9 @@ static inline int qr_xs(const qr_type *t, const int32_t *xs, int s, int j) { /* 
 #ifndef QR_RMAX
 #define QR_RMAX 4 /* rows of activations a pass (at most 6) */
 #endif
+
+/* Each lane's 16-bit value in both 16-bit halves of the lane (a row's scale for vpmaddwd). */
+static inline __attribute__((always_inline)) qi qr_pair16(qi v) { return qi_or(qi_and(v, qi_splat(0xFFFF)), qi_shl16(v)); }
 
 static inline __attribute__((always_inline)) qi qr_bc(const int8_t *p) {
     int32_t v;
@@ -333,7 +330,7 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
                 qi A[6], B[6];
                 SC_UNROLL for (int r = 0; r < R; r++) A[r] = qi_splat(-t.zero * xsj[r]), B[r] = qi_splat(-t.zero * xs1[r]);
 #else
-                qi s16a = qi_or(qi_and(sc0, qi_splat(0xFFFF)), qi_shl16(sc0)), s16b = qi_or(qi_and(sc1, qi_splat(0xFFFF)), qi_shl16(sc1));
+                qi s16a = qr_pair16(sc0), s16b = qr_pair16(sc1);
                 qi PA[6], PB[6];
 #endif
                 SC_UNROLL for (int v = 0; v < 4; v++) {
@@ -393,7 +390,7 @@ static inline __attribute__((always_inline)) void qr_tile(const int qt, const in
             }
 #else /* pairs of byte products in 16 bits (vpmaddubsw), summed in 16 bits while no sum can overflow,
        * then into 32 bits with the sub-block's scale (vpmaddwd) */
-            qi sc16 = qi_or(qi_and(scv, qi_splat(0xFFFF)), qi_shl16(scv)); /* each row's scale in both 16-bit halves of its lane */
+            qi sc16 = qr_pair16(scv);
             if (t.bits == 4) {
                 qi P[6];
                 SC_UNROLL for (int v = 0; v < 4; v++) {
